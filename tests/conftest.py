@@ -1,0 +1,56 @@
+"""Shared fixtures: a real Mosquitto per session, sockets on 127.0.0.1, custom integrations.
+
+``meshtastic`` is imported here, at module level, because it starts its global
+``publishing`` thread at import; importing it inside a test would make PHCC's
+thread-leak check fail that test (``shared/reference/home-assistant.md`` §7.4).
+The module-level import of the integration's ``const`` makes the project's
+``custom_components`` package win over PHCC's own (§7.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import meshtastic  # noqa: F401  # starts its import-time thread before any test
+import meshtastic.tcp_interface  # noqa: F401
+import pytest
+
+from custom_components.mqtt_bridge.const import DOMAIN  # noqa: F401
+from devkit.mosquitto import Mosquitto
+
+
+@pytest.fixture(autouse=True)
+def _sockets(socket_enabled: None) -> None:
+    """Allow AF_INET sockets; PHCC still limits connect() to 127.0.0.1."""
+
+
+@pytest.fixture(autouse=True)
+def _custom_integrations(enable_custom_integrations: None) -> None:
+    """Let HA load integrations from custom_components."""
+
+
+@pytest.fixture(scope="session")
+def mosquitto_session() -> Iterator[Mosquitto]:
+    """One anonymous Mosquitto for the whole session, on a random port."""
+    broker = Mosquitto()
+    broker.start()
+    yield broker
+    broker.cleanup()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_session: Mosquitto) -> Mosquitto:
+    """The session broker; restarted if a test left it stopped."""
+    if mosquitto_session.proc is None or mosquitto_session.proc.poll() is not None:
+        mosquitto_session.proc = None
+        mosquitto_session.start()
+    return mosquitto_session
+
+
+@pytest.fixture
+def private_mosquitto() -> Iterator[Mosquitto]:
+    """A broker of the test's own, for tests that kill or restart it."""
+    broker = Mosquitto()
+    broker.start()
+    yield broker
+    broker.cleanup()
