@@ -54,7 +54,7 @@ def free_port() -> int:
     try:
         import pytest_socket
 
-        sock_cls = pytest_socket._true_socket  # noqa: SLF001
+        sock_cls = pytest_socket._true_socket
     except ImportError:
         sock_cls = socket.socket
     with sock_cls(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -76,9 +76,11 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         extra_config: str = "",
         workdir: Path | None = None,
+        tls: bool = False,
     ) -> None:
-        """Prepare (not start) a broker."""
+        """Prepare (not start) a broker; ``tls`` adds a self-signed TLS listener."""
         self.port = port or free_port()
+        self.tls_port: int | None = free_port() if tls else None
         self.host = "127.0.0.1"
         self.users = users or {}
         self._extra = extra_config
@@ -93,7 +95,7 @@ class Mosquitto:
             pwfile = self.workdir / "passwd"
             pwfile.write_text("")
             for user, password in self.users.items():
-                subprocess.run(  # noqa: S603
+                subprocess.run(
                     [
                         shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd",
                         "-b",
@@ -105,6 +107,12 @@ class Mosquitto:
                     capture_output=True,
                 )
             extra = f"password_file {pwfile}\n{extra}"
+        if self.tls_port is not None:
+            cert, key = self._self_signed()
+            extra = (
+                f"listener {self.tls_port} 127.0.0.1\n"
+                f"certfile {cert}\nkeyfile {key}\n{extra}"
+            )
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             _CONF.format(
@@ -115,6 +123,51 @@ class Mosquitto:
         )
         return conf
 
+    @property
+    def cert_path(self) -> Path:
+        """The self-signed certificate of the TLS listener (PEM)."""
+        return self.workdir / "cert.pem"
+
+    def _self_signed(self) -> tuple[Path, Path]:
+        """Write a self-signed certificate for 127.0.0.1 and its key."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        key_path = self.workdir / "key.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return self.cert_path, key_path
+
     def start(self, timeout: float = 10.0) -> None:
         """Start the broker and wait until it listens.
 
@@ -124,14 +177,14 @@ class Mosquitto:
         """
         conf = self._write_config()
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(  # noqa: S603
+        self.proc = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        marker = f"Opening ipv4 listen socket on port {self.port}"
+        marker = f"Opening ipv4 listen socket on port {self.tls_port or self.port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")

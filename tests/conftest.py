@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import meshtastic  # noqa: F401  # starts its import-time thread before any test
+import meshtastic  # starts its import-time thread before any test
 import meshtastic.tcp_interface  # noqa: F401
 import pytest
 

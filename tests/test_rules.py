@@ -194,7 +194,8 @@ def test_parse_address(address: str, tls: bool, expected: tuple) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", [":1883", "host:0", "host:99999", "host:abc", "[fd00::1", "ws://x", "a b"]
+    "address",
+    [":1883", "host:0", "host:99999", "host:abc", "[fd00::1", "ws://x", "a b"],
 )
 def test_parse_address_rejects(address: str) -> None:
     with pytest.raises(InvalidAddressError):
@@ -209,7 +210,13 @@ def test_client_ids_are_unique_per_instance() -> None:
 
 @pytest.mark.parametrize(
     ("value", "num"),
-    [("!1a2b3c4d", 0x1A2B3C4D), ("0x10", 16), ("1a2b3c4d", 0x1A2B3C4D), ("42", 42), (7, 7)],
+    [
+        ("!1a2b3c4d", 0x1A2B3C4D),
+        ("0x10", 16),
+        ("1a2b3c4d", 0x1A2B3C4D),
+        ("42", 42),
+        (7, 7),
+    ],
 )
 def test_parse_node_id(value: str | int, num: int) -> None:
     assert rules.parse_node_id(value) == num
@@ -234,7 +241,9 @@ def _envelope(
     return envelope.SerializeToString()
 
 
-def _check(topic: str = "msh/2/e/LongFast/!cafe0001", payload: bytes | None = None, **kw):
+def _check(
+    topic: str = "msh/2/e/LongFast/!cafe0001", payload: bytes | None = None, **kw
+):
     args = {
         "retained": False,
         "gateway_id": "!1a2b3c4d",
@@ -289,7 +298,9 @@ def test_downlink_rejections() -> None:
 
 
 def test_uplink_payloads() -> None:
-    data = mesh_pb2.MqttClientProxyMessage(topic="msh/2/e/LongFast/!1", data=b"\x00\x01")
+    data = mesh_pb2.MqttClientProxyMessage(
+        topic="msh/2/e/LongFast/!1", data=b"\x00\x01"
+    )
     assert rules.uplink_payload(data) == (b"\x00\x01", None)
     text = mesh_pb2.MqttClientProxyMessage(topic="msh/2/map/", text='{"json":1}')
     assert rules.uplink_payload(text) == (b'{"json":1}', None)

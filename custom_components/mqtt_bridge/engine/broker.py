@@ -184,6 +184,11 @@ class BrokerClient:
         self.backoff.reset()
         self._restart.set()
 
+    def reconnect_now(self) -> None:
+        """Skip the current backoff delay (or drop the session) and connect again."""
+        self.backoff.reset()
+        self._restart.set()
+
     async def run(self) -> None:
         """Connect and serve until cancelled; reconnect with backoff on failures."""
         try:
@@ -280,6 +285,9 @@ class BrokerClient:
             return self._failed(f"connection refused: {err}")
         except aiomqtt.MqttError as err:
             return self._failed(f"cannot connect: {err}")
+        except Exception as err:
+            _LOGGER.debug("unexpected connect error", exc_info=True)
+            return self._failed(f"cannot connect: {type(err).__name__}: {err}")
         self.stats.connects += 1
         self.stats.last_error = None
         self.backoff.reset()
@@ -373,7 +381,9 @@ class BrokerClient:
 
         async def publish_one(item: OutgoingMessage) -> None:
             try:
-                await client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                await client.publish(
+                    item.topic, item.payload, qos=1, retain=item.retain
+                )
             except BaseException as err:
                 queue.appendleft(item)  # not acknowledged: send again later
                 self._queue_ready.set()

@@ -451,6 +451,9 @@ class NodeLink:
                 reader, writer = await self._connector()
         except (OSError, TimeoutError) as err:
             return self._failed(f"cannot connect: {err or type(err).__name__}")
+        except Exception as err:
+            _LOGGER.debug("%s: unexpected connect error", self.name, exc_info=True)
+            return self._failed(f"cannot connect: {type(err).__name__}: {err}")
         self.stats.connects += 1
         self._writer = writer
         try:

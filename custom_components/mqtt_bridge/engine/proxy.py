@@ -307,9 +307,7 @@ class MeshtasticProxy(NodeLinkListener):
         if self.missing_settings:
             self.status = ProxyStatus.NODE_SETTINGS_MISSING
             self.error = "node setting missing: " + ", ".join(self.missing_settings)
-            _LOGGER.warning(
-                "%s: proxy not started, %s", self.link.name, self.error
-            )
+            _LOGGER.warning("%s: proxy not started, %s", self.link.name, self.error)
             await self._stop_broker()
             self._changed()
             return
@@ -384,7 +382,7 @@ class MeshtasticProxy(NodeLinkListener):
             proxy.retained = item.retained
             try:
                 self.link.send(message)
-            except Exception as err:  # noqa: BLE001 - link died between checks
+            except Exception as err:
                 queue.appendleft(item)
                 _LOGGER.debug("downlink write deferred: %s", err)
                 self._link_ready.clear()
