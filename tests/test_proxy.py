@@ -183,7 +183,8 @@ async def test_retained_uplink_flag_kept(make_node, mosquitto: Mosquitto) -> Non
 
 
 async def test_downlink_reaches_node_as_data(make_node, mosquitto: Mosquitto) -> None:
-    node = await tcp_node(make_node, mosquitto)
+    # Firmware drops decoded (plaintext) downlinks when encryption is on.
+    node = await tcp_node(make_node, mosquitto, mqtt_encryption_enabled=False)
     async with running_proxy(node) as run:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
@@ -246,8 +247,9 @@ async def test_unsubscribed_channel_not_forwarded(make_node, mosquitto) -> None:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/Other/{REMOTE}", envelope("Other"), qos=1)
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: run.proxy.stats.downlink_messages == 1)
+        await until(lambda: len(node.downlinks) == 1)
         assert [m.topic for m in node.downlinks] == [f"msh/2/e/LongFast/{REMOTE}"]
+        assert run.proxy.stats.downlink_messages == 1
 
 
 async def test_resubscribes_after_node_config_change(make_node, mosquitto) -> None:
@@ -292,7 +294,7 @@ async def test_oversize_downlinks_counted_not_sent(make_node, mosquitto) -> None
                 f"msh/2/e/LongFast/{REMOTE}", b"not protobuf \xff", qos=1
             )
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: run.proxy.stats.downlink_messages == 1)
+        await until(lambda: len(node.downlinks) == 1)
         dropped = run.proxy.stats.dropped
         assert dropped["downlink_topic_too_long"] == 1
         assert dropped["downlink_payload_too_large"] == 1
@@ -336,9 +338,16 @@ async def test_own_echoes_dropped_by_default(make_node, mosquitto) -> None:
 async def test_own_echoes_forwarded_become_implicit_acks(make_node, mosquitto) -> None:
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node, ProxyOptions(forward_own_echoes=True)) as run:
-        node.receive_text(0xCAFE0002, "echo!")
+        # Only packets the node originated come back as implicit ACKs: send one.
+        packet = mesh_pb2.MeshPacket(to=0xFFFFFFFF, channel=0)
+        packet.decoded.portnum = portnums_pb2.PortNum.TEXT_MESSAGE_APP
+        packet.decoded.payload = b"from HA"
+        status = await run.link.send_packet(packet)
+        assert status is not None
+        assert status.res == 0
         await until(lambda: node.implicit_acks == 1)
-        assert run.proxy.stats.downlink_messages == 1
+        assert run.proxy.stats.downlink_messages >= 1
+        assert run.proxy.stats.dropped["downlink_own_echo"] == 0
 
 
 async def test_broker_outage_queues_and_flushes_uplinks(
@@ -416,7 +425,7 @@ async def test_second_client_takes_node_over_then_link_recovers(
 ) -> None:
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run:
-        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
         try:
             await until(
                 lambda: run.link.stats.failures >= 1 or run.link.stats.connects >= 2
@@ -579,6 +588,7 @@ class ScriptedNode:
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[object]] = set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -589,6 +599,11 @@ class ScriptedNode:
             writer.close()
         if self.server is not None:
             self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        if self.handlers:
+            await asyncio.wait(self.handlers)
+        if self.server is not None:
             await self.server.wait_closed()
 
     async def _serve(
@@ -598,6 +613,9 @@ class ScriptedNode:
 
         self.connections += 1
         self.writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         decoder = FrameDecoder()
 
         def send(message: mesh_pb2.FromRadio) -> None:
