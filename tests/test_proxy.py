@@ -101,9 +101,12 @@ async def running_proxy(
         await until(lambda: link.state is LinkState.READY)
         if wait_broker:
             await until(lambda: proxy.broker_connected)
-            # SUBACK received: the subscriber task clears the change flag first.
-            await until(lambda: proxy.broker is not None and bool(proxy.subscriptions))
-            await asyncio.sleep(0.05)
+            await until(
+                lambda: (
+                    bool(proxy.subscriptions)
+                    and proxy.active_subscriptions == proxy.subscriptions
+                )
+            )
         yield Running(node, link, proxy)
     finally:
         for task in tasks:
@@ -263,7 +266,7 @@ async def test_resubscribes_after_node_config_change(make_node, mosquitto) -> No
         await node.reboot()
         await until(
             lambda: (
-                run.proxy.subscriptions
+                run.proxy.active_subscriptions
                 == {"msh/2/e/Family/+", "msh/2/e/Team/+", "msh/2/e/PKI/+"}
             )
         )

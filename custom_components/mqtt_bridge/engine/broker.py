@@ -139,6 +139,7 @@ class BrokerClient:
         self._queue: deque[OutgoingMessage] = deque()
         self._queue_ready = asyncio.Event()
         self._wanted: frozenset[str] = frozenset()
+        self._active: set[str] = set()
         self._subs_changed = asyncio.Event()
         self._restart = asyncio.Event()
 
@@ -151,8 +152,13 @@ class BrokerClient:
 
     @property
     def subscriptions(self) -> frozenset[str]:
-        """The topic filters the client keeps subscribed."""
+        """The topic filters the client keeps subscribed (wanted)."""
         return self._wanted
+
+    @property
+    def active_subscriptions(self) -> frozenset[str]:
+        """The topic filters the broker has granted on the current session."""
+        return frozenset(self._active)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
         """Queue a QoS-1 publish; return how many old messages were dropped (0 or 1).
@@ -296,6 +302,7 @@ class BrokerClient:
         try:
             reason = await self._serve(client)
         finally:
+            self._active.clear()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await client.__aexit__(None, None, None)
@@ -335,7 +342,8 @@ class BrokerClient:
             on_message(message.topic.value, bytes(payload), bool(message.retain))
 
     async def _subscriber(self, client: aiomqtt.Client) -> None:
-        subscribed: set[str] = set()
+        subscribed = self._active
+        subscribed.clear()
         while True:
             self._subs_changed.clear()
             wanted = set(self._wanted)

@@ -247,6 +247,11 @@ class MeshtasticProxy(NodeLinkListener):
         """Topic filters currently wanted on the broker."""
         return self.broker.subscriptions if self.broker else frozenset()
 
+    @property
+    def active_subscriptions(self) -> frozenset[str]:
+        """Topic filters the broker has granted (SUBACK received)."""
+        return self.broker.active_subscriptions if self.broker else frozenset()
+
     def _drop(self, direction: str, reason: str) -> None:
         self.stats.dropped[f"{direction}_{reason}"] += 1
         self._changed()
