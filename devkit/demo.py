@@ -56,7 +56,6 @@ import uuid
 import aiohttp
 import aiomqtt
 
-from devkit import mosquitto as mosquitto_module
 from devkit.mosquitto import Mosquitto, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -223,26 +222,16 @@ async def spawn(
 def start_broker(workdir: Path) -> Mosquitto:
     """Start a private Mosquitto whose process has a session of its own.
 
-    :class:`devkit.mosquitto.Mosquitto` starts the broker with a plain
-    ``subprocess.Popen``; for the few milliseconds of ``start()`` that call gets
-    ``start_new_session`` and the parent-death signal, so a Ctrl-C at the
-    terminal does not stop the broker before Home Assistant.
+    The broker gets ``start_new_session`` and the parent-death signal, so a
+    Ctrl-C at the terminal does not stop it before Home Assistant.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "mosquitto.log").unlink(missing_ok=True)
-    broker = Mosquitto(workdir=workdir)
-    real_popen = subprocess.Popen
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("start_new_session", True)
-        kwargs.setdefault("preexec_fn", _die_with_parent)
-        return real_popen(*args, **kwargs)
-
-    mosquitto_module.subprocess.Popen = popen  # type: ignore[assignment,misc]
-    try:
-        broker.start()
-    finally:
-        mosquitto_module.subprocess.Popen = real_popen  # type: ignore[misc]
+    broker = Mosquitto(
+        workdir=workdir,
+        popen_kwargs={"start_new_session": True, "preexec_fn": _die_with_parent},
+    )
+    broker.start()
     return broker
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 _CONF = """\
 user root
@@ -77,8 +78,14 @@ class Mosquitto:
         extra_config: str = "",
         workdir: Path | None = None,
         tls: bool = False,
+        popen_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        """Prepare (not start) a broker; ``tls`` adds a self-signed TLS listener."""
+        """Prepare (not start) a broker; ``tls`` adds a self-signed TLS listener.
+
+        ``popen_kwargs`` are passed to :class:`subprocess.Popen` (e.g.
+        ``start_new_session`` for the demo, so Ctrl-C reaches Home Assistant first).
+        """
+        self._popen_kwargs = popen_kwargs or {}
         self.port = port or free_port()
         self.tls_port: int | None = free_port() if tls else None
         self.host = "127.0.0.1"
@@ -182,15 +189,14 @@ class Mosquitto:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            **self._popen_kwargs,
         )
         log.close()
-        marker = f"Opening ipv4 listen socket on port {self.tls_port or self.port}"
+        # "running" is logged after every listener is bound and listening.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
-            if marker in text.rsplit("starting", 1)[-1]:
-                # The listen line is printed just before listen() returns.
-                time.sleep(0.005)
+            if " running" in text.rsplit(" starting", 1)[-1]:
                 return
             if self.proc.poll() is not None:
                 break

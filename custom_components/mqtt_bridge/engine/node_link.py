@@ -50,6 +50,9 @@ DEFAULT_TCP_PORT = 4403
 DEFAULT_BAUDRATE = 115200
 # Nonces the firmware gives a meaning (PhoneAPI: SPECIAL_NONCE_ONLY_CONFIG/ONLY_NODES).
 _RESERVED_NONCES = {0, 69420, 69421}
+# Handshake items the proxy has no use for (PhoneAPI STATE_SEND_UIDATA,
+# STATE_SEND_FILEMANIFEST; lockdown builds' status).
+_HANDSHAKE_EXTRAS = {"deviceuiConfig", "fileInfo", "lockdown_status"}
 
 
 class StreamWriterLike(Protocol):
@@ -590,9 +593,8 @@ class NodeLink:
             return True
         if kind == "rebooted":
             raise _NodeRebootedError("rebooted during handshake")
-        if not apply_from_radio(snapshot, message):
-            # Live traffic may interleave (queued uplinks); keep it for later.
-            _LOGGER.debug("%s: %s before config complete", self.name, kind)
+        if not apply_from_radio(snapshot, message) and kind not in _HANDSHAKE_EXTRAS:
+            _LOGGER.debug("%s: %s before config complete, ignored", self.name, kind)
         return False
 
     def _handle_live(self, message: mesh_pb2.FromRadio) -> None:
