@@ -183,6 +183,7 @@ class Mosquitto:
 
         """
         conf = self._write_config()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)],
@@ -195,8 +196,10 @@ class Mosquitto:
         # "running" is logged after every listener is bound and listening.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            if " running" in text.rsplit(" starting", 1)[-1]:
+            with self.log_path.open("rb") as handle:
+                handle.seek(offset)
+                text = handle.read().decode(errors="replace")
+            if " running" in text:
                 return
             if self.proc.poll() is not None:
                 break

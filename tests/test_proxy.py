@@ -737,3 +737,47 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert delays[-1] >= 30.0
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+async def test_cancel_during_broker_connect_leaves_nothing() -> None:
+    """Unload while CONNECT waits for CONNACK: no aiomqtt task or socket remains."""
+    from custom_components.mqtt_bridge.engine.broker import BrokerClient
+    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+
+    accepted = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writers.append(writer)
+        accepted.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read(4096)  # the CONNECT packet; never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = BrokerClient(
+        BrokerSettings("127.0.0.1", port, False, None, None, "msh"),
+        client_id="cancel-test",
+        on_message=lambda *_: None,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        async with asyncio.timeout(5):
+            await accepted.wait()
+        await asyncio.sleep(0.05)
+        assert client.state is BrokerState.CONNECTING
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    await asyncio.sleep(0)  # let aiomqtt's socket-close callback cancel its task
+    assert client.state is BrokerState.STOPPED
+    leftovers = [t for t in asyncio.all_tasks() if "misc_loop" in repr(t.get_coro())]
+    for leftover in leftovers:
+        await asyncio.wait({leftover}, timeout=1)
+    assert all(t.done() for t in leftovers)

@@ -163,6 +163,9 @@ class MeshtasticRuntime(NodeLinkListener):
         self._was_available: bool | None = None
         self._last_status: ProxyStatus | None = None
         self._reauth_started = False
+        # Set on unload: the engines still report their shutdown (link STOPPED)
+        # after the on-unload callbacks ran; no timer may be scheduled then.
+        self._unloaded = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -175,7 +178,12 @@ class MeshtasticRuntime(NodeLinkListener):
         entry.async_create_background_task(
             self.hass, self.proxy.run(), f"{DOMAIN} {entry.title} proxy"
         )
-        entry.async_on_unload(self._cancel_update)
+        entry.async_on_unload(self._async_unloaded)
+
+    @callback
+    def _async_unloaded(self) -> None:
+        self._unloaded = True
+        self._cancel_update()
 
     @callback
     def _cancel_update(self) -> None:
@@ -204,6 +212,8 @@ class MeshtasticRuntime(NodeLinkListener):
 
     @callback
     def _on_proxy_change(self) -> None:
+        if self._unloaded:
+            return
         if self._update_pending is None:
             self._update_pending = async_call_later(
                 self.hass, UPDATE_THROTTLE, self._flush_update
@@ -370,4 +380,3 @@ class MeshtasticRuntime(NodeLinkListener):
         packet.decoded.portnum = portnums_pb2.PortNum.TEXT_MESSAGE_APP
         packet.decoded.payload = payload
         return await self.link.send_packet(packet)
-

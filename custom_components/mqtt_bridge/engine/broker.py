@@ -84,6 +84,19 @@ def _reason_value(rc: object) -> int | None:
     return None
 
 
+def _abandon(client: aiomqtt.Client) -> None:
+    """Close a client whose connect was cancelled half-way (socket and misc task).
+
+    aiomqtt has no public way to abort ``__aenter__``; paho's ``_sock_close``
+    runs aiomqtt's socket-close callback, which stops its ``_misc_loop`` task.
+    """
+    with contextlib.suppress(Exception):
+        client._client._sock_close()  # noqa: SLF001
+    misc = getattr(client, "_misc_task", None)
+    if misc is not None and not misc.done():
+        misc.cancel()
+
+
 def build_tls_context(*, verify: bool) -> ssl.SSLContext:
     """Return a client TLS context (blocking: loads CA certificates; use an executor).
 
@@ -264,6 +277,9 @@ class BrokerClient:
             return self._failed(f"TLS set-up failed: {err}")
         try:
             await client.__aenter__()
+        except asyncio.CancelledError:
+            _abandon(client)  # unload/reload while the CONNECT is in flight
+            raise
         except aiomqtt.MqttCodeError as err:
             code = _reason_value(err.rc)
             if code in _UNSUPPORTED_PROTOCOL or (

@@ -586,10 +586,10 @@ class NodeLink:
             self.backoff.reset()
             self.stats.last_error = None
             own = snapshot.nodes.get(snapshot.node_num)
-            self._set_state(LinkState.READY)
-            self._emit("on_ready", snapshot)
             if own is not None and own.HasField("device_metrics"):
                 self._update_metrics(own.device_metrics)
+            self._set_state(LinkState.READY)
+            self._emit("on_ready", snapshot)
             return True
         if kind == "rebooted":
             raise _NodeRebootedError("rebooted during handshake")

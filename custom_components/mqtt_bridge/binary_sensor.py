@@ -1,0 +1,78 @@
+"""Binary sensors of MQTT Bridge: node and broker connectivity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from homeassistant.components.binary_sensor import (
+    BinarySensorDeviceClass,
+    BinarySensorEntity,
+    BinarySensorEntityDescription,
+)
+from homeassistant.const import EntityCategory
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+
+from .entity import MqttBridgeEntity
+from .runtime import MeshtasticRuntime, MqttBridgeConfigEntry
+
+# Push entities, nothing to poll or to throttle per platform.
+PARALLEL_UPDATES = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttBridgeBinarySensorDescription(BinarySensorEntityDescription):
+    """A binary sensor and how to read it from the runtime."""
+
+    is_on_fn: Callable[[MeshtasticRuntime], bool]
+    # The node connection sensor reports the availability itself, so it must
+    # never be unavailable.
+    always_available: bool = False
+
+
+BINARY_SENSORS: tuple[MqttBridgeBinarySensorDescription, ...] = (
+    MqttBridgeBinarySensorDescription(
+        key="node_connected",
+        translation_key="node_connected",
+        device_class=BinarySensorDeviceClass.CONNECTIVITY,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        is_on_fn=lambda runtime: runtime.available,
+        always_available=True,
+    ),
+    MqttBridgeBinarySensorDescription(
+        key="broker_connected",
+        translation_key="broker_connected",
+        device_class=BinarySensorDeviceClass.CONNECTIVITY,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        is_on_fn=lambda runtime: runtime.proxy.broker_connected,
+    ),
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: MqttBridgeConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add the connectivity sensors of the entry's node."""
+    runtime = entry.runtime_data
+    async_add_entities(
+        MqttBridgeBinarySensor(runtime, description) for description in BINARY_SENSORS
+    )
+
+
+class MqttBridgeBinarySensor(MqttBridgeEntity, BinarySensorEntity):
+    """A connectivity sensor of the node or of the proxy's broker session."""
+
+    entity_description: MqttBridgeBinarySensorDescription
+
+    @property
+    def available(self) -> bool:
+        """Node connection: always; broker connection: while the node is."""
+        return self.entity_description.always_available or super().available
+
+    @property
+    def is_on(self) -> bool:
+        """Whether the connection is up."""
+        return self.entity_description.is_on_fn(self.runtime)

@@ -1,0 +1,232 @@
+"""Sensors of MQTT Bridge: proxy counters, activity, node metrics, proxy status.
+
+States are written only on the runtime's rate-limited update signal (see
+:mod:`.entity`), never once per mesh message.
+
+Decisions:
+
+* ``battery_level``: the firmware reports 101 while the node runs on external
+  power (``Power::getBatteryPercent``, "powered"); the sensor then shows 100 %
+  and the attribute ``external_power`` is true (false otherwise), so the state
+  stays a valid percentage and automations can still tell the cases apart.
+* ``channel_utilization`` is enabled by default (the main mesh health figure,
+  updated only with device telemetry); ``air_util_tx`` is disabled by default.
+* ``proxy_status`` shows ``waiting_for_node`` while the node is disconnected
+  even if the broker session is still running, and stays available then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from homeassistant.components.sensor import (
+    SensorDeviceClass,
+    SensorEntity,
+    SensorEntityDescription,
+    SensorStateClass,
+)
+from homeassistant.const import PERCENTAGE, EntityCategory, UnitOfElectricPotential
+from homeassistant.core import HomeAssistant
+from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+from homeassistant.helpers.typing import StateType
+from homeassistant.util import dt as dt_util
+from meshtastic.protobuf import telemetry_pb2
+
+from .engine.proxy import ProxyStatus
+from .entity import MqttBridgeEntity
+from .runtime import MeshtasticRuntime, MqttBridgeConfigEntry
+
+# Push entities, nothing to poll or to throttle per platform.
+PARALLEL_UPDATES = 0
+
+UNIT_MESSAGES = "messages"
+# DeviceMetrics.battery_level above 100 means "on external power".
+BATTERY_POWERED = 100
+ATTR_EXTERNAL_POWER = "external_power"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttBridgeSensorDescription(SensorEntityDescription):
+    """A sensor and how to read it from the runtime."""
+
+    value_fn: Callable[[MeshtasticRuntime], StateType | datetime]
+    attributes_fn: Callable[[MeshtasticRuntime], dict[str, Any] | None] = (
+        lambda _runtime: None
+    )
+    # Stays available while the node is disconnected.
+    always_available: bool = False
+
+
+def _timestamp(value: float | None) -> datetime | None:
+    return dt_util.utc_from_timestamp(value) if value is not None else None
+
+
+def _metric(name: str) -> Callable[[MeshtasticRuntime], float | None]:
+    """Return a reader of one optional ``DeviceMetrics`` field."""
+
+    def read(runtime: MeshtasticRuntime) -> float | None:
+        metrics = runtime.link.metrics
+        if metrics is None or not metrics.HasField(name):
+            return None
+        return round(float(getattr(metrics, name)), 3)
+
+    return read
+
+
+def _battery(runtime: MeshtasticRuntime) -> int | None:
+    metrics = runtime.link.metrics
+    if metrics is None or not metrics.HasField("battery_level"):
+        return None
+    return min(int(metrics.battery_level), BATTERY_POWERED)
+
+
+def _battery_attributes(runtime: MeshtasticRuntime) -> dict[str, Any] | None:
+    metrics: telemetry_pb2.DeviceMetrics | None = runtime.link.metrics
+    if metrics is None or not metrics.HasField("battery_level"):
+        return None
+    return {ATTR_EXTERNAL_POWER: metrics.battery_level > BATTERY_POWERED}
+
+
+def _dropped_by_reason(runtime: MeshtasticRuntime) -> dict[str, Any]:
+    """Non-zero drop counts keyed ``uplink_<reason>`` / ``downlink_<reason>``."""
+    dropped = runtime.proxy.stats.dropped
+    return {reason: count for reason, count in sorted(dropped.items()) if count}
+
+
+def _proxy_status(runtime: MeshtasticRuntime) -> str:
+    status = runtime.proxy.status
+    if status is ProxyStatus.RUNNING and not runtime.available:
+        return ProxyStatus.WAITING_FOR_NODE.value
+    return status.value
+
+
+SENSORS: tuple[MqttBridgeSensorDescription, ...] = (
+    MqttBridgeSensorDescription(
+        key="uplink_messages",
+        translation_key="uplink_messages",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.proxy.stats.uplink_messages,
+    ),
+    MqttBridgeSensorDescription(
+        key="downlink_messages",
+        translation_key="downlink_messages",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.proxy.stats.downlink_messages,
+    ),
+    MqttBridgeSensorDescription(
+        key="dropped_messages",
+        translation_key="dropped_messages",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.proxy.stats.dropped_total,
+        attributes_fn=_dropped_by_reason,
+    ),
+    MqttBridgeSensorDescription(
+        key="uplink_queue",
+        translation_key="uplink_queue",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.MEASUREMENT,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value_fn=lambda runtime: runtime.proxy.uplink_queue_depth,
+    ),
+    MqttBridgeSensorDescription(
+        key="last_uplink",
+        translation_key="last_uplink",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_registry_enabled_default=False,
+        value_fn=lambda runtime: _timestamp(runtime.proxy.stats.last_uplink),
+    ),
+    MqttBridgeSensorDescription(
+        key="last_downlink",
+        translation_key="last_downlink",
+        device_class=SensorDeviceClass.TIMESTAMP,
+        entity_registry_enabled_default=False,
+        value_fn=lambda runtime: _timestamp(runtime.proxy.stats.last_downlink),
+    ),
+    MqttBridgeSensorDescription(
+        key="battery_level",
+        translation_key="battery_level",
+        device_class=SensorDeviceClass.BATTERY,
+        native_unit_of_measurement=PERCENTAGE,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=_battery,
+        attributes_fn=_battery_attributes,
+    ),
+    MqttBridgeSensorDescription(
+        key="voltage",
+        translation_key="voltage",
+        device_class=SensorDeviceClass.VOLTAGE,
+        native_unit_of_measurement=UnitOfElectricPotential.VOLT,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=2,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=_metric("voltage"),
+    ),
+    MqttBridgeSensorDescription(
+        key="channel_utilization",
+        translation_key="channel_utilization",
+        native_unit_of_measurement=PERCENTAGE,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=1,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=_metric("channel_utilization"),
+    ),
+    MqttBridgeSensorDescription(
+        key="air_util_tx",
+        translation_key="air_util_tx",
+        native_unit_of_measurement=PERCENTAGE,
+        state_class=SensorStateClass.MEASUREMENT,
+        suggested_display_precision=1,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        entity_registry_enabled_default=False,
+        value_fn=_metric("air_util_tx"),
+    ),
+    MqttBridgeSensorDescription(
+        key="proxy_status",
+        translation_key="proxy_status",
+        device_class=SensorDeviceClass.ENUM,
+        options=[status.value for status in ProxyStatus],
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=_proxy_status,
+        always_available=True,
+    ),
+)
+
+
+async def async_setup_entry(
+    hass: HomeAssistant,
+    entry: MqttBridgeConfigEntry,
+    async_add_entities: AddConfigEntryEntitiesCallback,
+) -> None:
+    """Add the sensors of the entry's node and proxy."""
+    runtime = entry.runtime_data
+    async_add_entities(
+        MqttBridgeSensor(runtime, description) for description in SENSORS
+    )
+
+
+class MqttBridgeSensor(MqttBridgeEntity, SensorEntity):
+    """A sensor computed from the runtime when the update signal arrives."""
+
+    entity_description: MqttBridgeSensorDescription
+
+    @property
+    def available(self) -> bool:
+        """Available while the node is connected (proxy status: always)."""
+        return self.entity_description.always_available or super().available
+
+    @property
+    def native_value(self) -> StateType | datetime:
+        """The current value."""
+        return self.entity_description.value_fn(self.runtime)
+
+    @property
+    def extra_state_attributes(self) -> dict[str, Any] | None:
+        """Extra attributes (drop reasons, external power)."""
+        return self.entity_description.attributes_fn(self.runtime)

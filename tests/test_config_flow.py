@@ -1,0 +1,1213 @@
+"""Config, options, reconfigure, reauth and zeroconf flows against real peers.
+
+The node is the ``devkit.meshsim`` simulator (TCP, or a pseudo-terminal for the
+serial path); brokers are real Mosquitto processes. Only what has no real peer
+here is patched: the USB port listing, an unexpected exception, and the probe
+timeout (shortened, the silent peer is real).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+import contextlib
+import datetime
+from ipaddress import ip_address
+import json
+import os
+from pathlib import Path
+import re
+from unittest.mock import AsyncMock, patch
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from homeassistant.config_entries import (
+    SOURCE_USER,
+    SOURCE_ZEROCONF,
+    ConfigEntryState,
+)
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+import serialx
+import voluptuous as vol
+
+from custom_components.mqtt_bridge import config_flow
+from custom_components.mqtt_bridge.config_flow import (
+    BrokerAuthError,
+    BrokerConnectionError,
+    validate_broker,
+)
+from custom_components.mqtt_bridge.const import (
+    BROKER_MODE_CUSTOM,
+    BROKER_MODE_NODE,
+    CONF_ALLOW_SELF_SIGNED,
+    CONF_BROKER_HOST,
+    CONF_BROKER_MODE,
+    CONF_BROKER_PASSWORD,
+    CONF_BROKER_PORT,
+    CONF_BROKER_TLS,
+    CONF_BROKER_USERNAME,
+    CONF_CONNECTION,
+    CONF_DEVICE,
+    CONF_FORWARD_OWN_ECHOES,
+    CONF_FORWARD_RETAINED,
+    CONF_HOST,
+    CONF_PORT,
+    CONF_UPLINK_QUEUE_SIZE,
+    CONNECTION_SERIAL,
+    CONNECTION_TCP,
+    DOMAIN,
+)
+from devkit.meshsim import SimulatedNode, default_profile
+from devkit.mosquitto import Mosquitto, free_port
+
+NODE_NUM = 0x1A2B3C4D
+NODE_ID = "!1a2b3c4d"
+OTHER_NUM = 0x0BADCAFE
+
+
+# -- fixtures -------------------------------------------------------------------
+
+TRANSLATIONS = json.loads(
+    (Path(config_flow.__file__).parent / "translations" / "en.json").read_text(
+        encoding="utf-8"
+    )
+)
+
+
+def _placeholders(text: str) -> set[str]:
+    return set(re.findall(r"\{(\w+)\}", text))
+
+
+def _check_translated(result: dict, section: str) -> None:
+    """Fail when a shown step, field, error or abort has no English text."""
+    strings = TRANSLATIONS[section]
+    kind = result["type"]
+    given = set(result.get("description_placeholders") or {})
+    if kind in (FlowResultType.FORM, FlowResultType.MENU):
+        step = strings["step"][result["step_id"]]
+        assert step["title"]
+        assert _placeholders(step["title"] + step.get("description", "")) <= given
+    if kind is FlowResultType.MENU:
+        for option in result["menu_options"]:
+            assert step["menu_options"][option]
+    if kind is FlowResultType.FORM:
+        for key in result["data_schema"].schema if result["data_schema"] else ():
+            assert step["data"][str(key)]
+            assert step["data_description"][str(key)]
+        for error in (result["errors"] or {}).values():
+            assert strings["error"][error]
+    if kind is FlowResultType.ABORT:
+        assert _placeholders(strings["abort"][result["reason"]]) <= given
+
+
+@pytest.fixture(autouse=True)
+def _translations_checked(hass: HomeAssistant) -> None:
+    """Check every flow result of the test against translations/en.json."""
+    for manager, section in (
+        (hass.config_entries.flow, "config"),
+        (hass.config_entries.options, "options"),
+    ):
+        for name in ("async_init", "async_configure"):
+            original = getattr(manager, name)
+
+            async def checked(*args, _original=original, _section=section, **kwargs):
+                result = await _original(*args, **kwargs)
+                _check_translated(result, _section)
+                return result
+
+            setattr(manager, name, checked)
+
+
+@pytest.fixture
+def mock_unload_entry() -> Iterator[AsyncMock]:
+    """Unload entries set up by ``mock_setup_entry`` (nothing to stop)."""
+    with patch(
+        "custom_components.mqtt_bridge.async_unload_entry", return_value=True
+    ) as unload:
+        yield unload
+
+
+@pytest.fixture
+def mock_setup_entry(mock_unload_entry: AsyncMock) -> Iterator[AsyncMock]:
+    """Do not start the link and proxy when a flow creates or reloads an entry."""
+    with patch(
+        "custom_components.mqtt_bridge.async_setup_entry", return_value=True
+    ) as setup:
+        yield setup
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_broker(tls_files: tuple[Path, Path]) -> Iterator[Mosquitto]:
+    """An anonymous Mosquitto speaking only TLS, with a self-signed certificate."""
+    cert_path, key_path = tls_files
+    broker = Mosquitto(extra_config=f"certfile {cert_path}\nkeyfile {key_path}\n")
+    broker.start()
+    yield broker
+    broker.cleanup()
+
+
+async def _start_node(**overrides: object) -> tuple[SimulatedNode, int]:
+    node = SimulatedNode(default_profile(**overrides))
+    port = await node.start_tcp()
+    return node, port
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[tuple[SimulatedNode, int]]:
+    """A simulated node with default settings, served on TCP."""
+    sim, port = await _start_node()
+    yield sim, port
+    await sim.stop()
+
+
+@pytest.fixture
+async def serial_node() -> AsyncIterator[tuple[SimulatedNode, str]]:
+    """A simulated node behind a pseudo-terminal; yields the device path."""
+    master_fd, slave_fd = os.openpty()
+    sim = SimulatedNode(default_profile())
+    await sim.serve_serial(master_fd)
+    yield sim, os.ttyname(slave_fd)
+    await sim.stop()
+    for fd in (slave_fd, master_fd):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@pytest.fixture
+def password_broker() -> Iterator[Mosquitto]:
+    """A Mosquitto that accepts only user ``u`` with password ``p``."""
+    broker = Mosquitto(users={"u": "p"})
+    broker.start()
+    yield broker
+    broker.cleanup()
+
+
+class _Peer:
+    """A TCP peer on 127.0.0.1 that runs ``handler`` for each connection."""
+
+    def __init__(self, handler) -> None:
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
+        self.port = 0
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        await self._handler(reader, writer)
+
+    async def __aenter__(self) -> _Peer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accept and never answer (a node busy with another client, a wrong service)."""
+    await reader.read()
+
+
+async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accept and close at once."""
+    writer.close()
+
+
+async def _server_unavailable(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An MQTT broker answering CONNECT with return code 3 (server unavailable)."""
+    await reader.read(1024)
+    writer.write(bytes([0x20, 0x02, 0x00, 0x03]))
+    await writer.drain()
+    await reader.read()
+
+
+def _port_info(device: str, **fields: object) -> serialx.SerialPortInfo:
+    values: dict[str, object] = {
+        "device": device,
+        "resolved_device": device,
+        "vid": None,
+        "pid": None,
+        "serial_number": None,
+        "manufacturer": None,
+        "product": None,
+        "bcd_device": None,
+        "interface_description": None,
+        "interface_num": None,
+    }
+    values.update(fields)
+    return serialx.SerialPortInfo(**values)
+
+
+def _list_ports(*ports: serialx.SerialPortInfo):
+    return patch.object(
+        serialx, "async_list_serial_ports", AsyncMock(return_value=list(ports))
+    )
+
+
+def _tcp_entry(hass: HomeAssistant, **data: object) -> MockConfigEntry:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="Sim Node",
+        unique_id=str(NODE_NUM),
+        data={
+            CONF_CONNECTION: CONNECTION_TCP,
+            CONF_HOST: "192.0.2.7",
+            CONF_PORT: 4403,
+            **data,
+        },
+    )
+    entry.add_to_hass(hass)
+    return entry
+
+
+async def _loaded_entry(hass: HomeAssistant, entry: MockConfigEntry) -> None:
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def _start_tcp_flow(hass: HomeAssistant) -> str:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "meshtastic"}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "tcp"}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "tcp"
+    return result["flow_id"]
+
+
+def _zeroconf_info(port: int | None, properties: dict[str, str]) -> ZeroconfServiceInfo:
+    return ZeroconfServiceInfo(
+        ip_address=ip_address("127.0.0.1"),
+        ip_addresses=[ip_address("127.0.0.1")],
+        port=port,
+        hostname="meshtastic.local.",
+        type="_meshtastic._tcp.local.",
+        name="Meshtastic_4d._meshtastic._tcp.local.",
+        properties=properties,
+    )
+
+
+# -- user flow: menus and TCP ---------------------------------------------------
+
+
+async def test_user_menus(hass: HomeAssistant) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_USER}
+    )
+    assert result["type"] is FlowResultType.MENU
+    assert result["step_id"] == "user"
+    assert list(result["menu_options"]) == ["meshtastic"]
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "meshtastic"}
+    )
+    assert result["type"] is FlowResultType.MENU
+    assert result["step_id"] == "meshtastic"
+    assert list(result["menu_options"]) == ["tcp", "serial"]
+
+
+async def test_tcp_creates_entry(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    sim, port = node
+    flow_id = await _start_tcp_flow(hass)
+
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: " 127.0.0.1 ", CONF_PORT: port}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "confirm"
+    placeholders = result["description_placeholders"]
+    assert placeholders["name"] == "Sim Node"
+    assert placeholders["node_id"] == NODE_ID
+    assert placeholders["firmware"] == "2.7.15.567b8ea"
+    assert placeholders["hardware"] == "TBEAM"
+    assert placeholders["connection"] == f"127.0.0.1:{port}"
+    assert placeholders["proxy_settings"].startswith("ready")
+    assert sim.handshakes >= 1
+
+    result = await hass.config_entries.flow.async_configure(flow_id, {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["title"] == "Sim Node"
+    assert result["data"] == {
+        CONF_CONNECTION: CONNECTION_TCP,
+        CONF_HOST: "127.0.0.1",
+        CONF_PORT: port,
+    }
+    entry = result["result"]
+    assert entry.unique_id == str(NODE_NUM)
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert len(mock_setup_entry.mock_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected", "absent"),
+    [
+        ((False, False), "MQTT enabled, Proxy to client enabled", None),
+        ((True, False), "Proxy to client enabled", "MQTT enabled,"),
+        ((False, True), "MQTT enabled", "Proxy to client"),
+    ],
+)
+async def test_tcp_warns_about_node_settings(
+    hass: HomeAssistant,
+    mock_setup_entry: AsyncMock,
+    flags: tuple[bool, bool],
+    expected: str,
+    absent: str | None,
+) -> None:
+    sim, port = await _start_node(
+        mqtt_enabled=flags[0], proxy_to_client_enabled=flags[1]
+    )
+    try:
+        flow_id = await _start_tcp_flow(hass)
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+        )
+        assert result["step_id"] == "confirm"
+        settings = result["description_placeholders"]["proxy_settings"]
+        assert settings.startswith("⚠️")
+        assert expected in settings
+        if absent is not None:
+            assert absent not in settings
+        # Adding the node is still allowed.
+        result = await hass.config_entries.flow.async_configure(flow_id, {})
+        assert result["type"] is FlowResultType.CREATE_ENTRY
+    finally:
+        await sim.stop()
+
+
+async def test_tcp_invalid_host(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    _, port = node
+    flow_id = await _start_tcp_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: "   ", CONF_PORT: port}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {CONF_HOST: "invalid_host"}
+
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["step_id"] == "confirm"
+
+
+async def test_tcp_cannot_connect_then_recovers(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    _, port = node
+    flow_id = await _start_tcp_flow(hass)
+    closed = free_port()
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: closed}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "tcp"
+    assert result["errors"] == {"base": "cannot_connect"}
+
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["step_id"] == "confirm"
+    result = await hass.config_entries.flow.async_configure(flow_id, {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+
+
+async def test_tcp_peer_hangs_up(hass: HomeAssistant) -> None:
+    async with _Peer(_hang_up) as peer:
+        flow_id = await _start_tcp_flow(hass)
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: peer.port}
+        )
+    assert result["errors"] == {"base": "cannot_connect"}
+    assert peer.connections == 1
+
+
+async def test_tcp_handshake_timeout(hass: HomeAssistant) -> None:
+    async with _Peer(_silent) as peer:
+        flow_id = await _start_tcp_flow(hass)
+        with patch.object(config_flow, "PROBE_TIMEOUT", 0.3):
+            result = await hass.config_entries.flow.async_configure(
+                flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: peer.port}
+            )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "timeout"}
+    assert peer.connections == 1
+
+
+async def test_tcp_unexpected_error(
+    hass: HomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow_id = await _start_tcp_flow(hass)
+    with patch.object(config_flow, "probe_node", side_effect=RuntimeError("boom")):
+        result = await hass.config_entries.flow.async_configure(
+            flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: 4403}
+        )
+    assert result["errors"] == {"base": "unknown"}
+    assert "Unexpected error while connecting to 127.0.0.1:4403" in caplog.text
+
+
+async def test_tcp_already_configured_updates_address(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    _, port = node
+    entry = _tcp_entry(hass)
+    await _loaded_entry(hass, entry)
+    flow_id = await _start_tcp_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data == {
+        CONF_CONNECTION: CONNECTION_TCP,
+        CONF_HOST: "127.0.0.1",
+        CONF_PORT: port,
+    }
+    await hass.async_block_till_done()
+    # No reload from the flow (the entry's own update listener does that, and
+    # both together are an error from HA 2026.12).
+    assert len(mock_setup_entry.mock_calls) == 1
+
+
+# -- user flow: serial ----------------------------------------------------------
+
+
+async def test_serial_creates_entry(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, serial_node
+) -> None:
+    sim, device = serial_node
+    usb = _port_info(
+        "/dev/serial/by-id/usb-RAK_WisBlock-if00",
+        resolved_device="/dev/ttyACM0",
+        product="WisBlock RAK4631",
+        manufacturer="RAKwireless",
+        serial_number="C0FFEE",
+    )
+    plain = _port_info("/dev/ttyS0")
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "meshtastic"}
+    )
+    with _list_ports(usb, plain):
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "serial"}
+        )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "serial"
+    assert result["description_placeholders"] == {"count": "2"}
+    selector = result["data_schema"].schema[CONF_DEVICE].config
+    assert selector["custom_value"] is True
+    assert selector["options"] == [
+        {
+            "value": "/dev/serial/by-id/usb-RAK_WisBlock-if00",
+            "label": "/dev/serial/by-id/usb-RAK_WisBlock-if00 - WisBlock RAK4631, "
+            "RAKwireless, s/n C0FFEE",
+        },
+        {"value": "/dev/ttyS0", "label": "/dev/ttyS0"},
+    ]
+    # The first listed port is preselected.
+    marker = next(iter(result["data_schema"].schema))
+    assert marker.default() == "/dev/serial/by-id/usb-RAK_WisBlock-if00"
+
+    # A pseudo-terminal is not listed; its path is typed in (custom value).
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_DEVICE: device}
+    )
+    assert result["step_id"] == "confirm"
+    assert result["description_placeholders"]["connection"] == device
+    assert sim.handshakes >= 1
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"] == {CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    assert result["result"].unique_id == str(NODE_NUM)
+
+
+async def test_serial_no_ports_and_cannot_connect(
+    hass: HomeAssistant, tmp_path
+) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_USER}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "meshtastic"}
+    )
+    with _list_ports():
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "serial"}
+        )
+        # Still a form: the path can be typed in.
+        assert result["type"] is FlowResultType.FORM
+        assert result["description_placeholders"] == {"count": "0"}
+        marker = next(iter(result["data_schema"].schema))
+        assert marker.default is vol.UNDEFINED
+        assert result["data_schema"].schema[CONF_DEVICE].config["options"] == []
+
+        missing = str(tmp_path / "ttyUSB9")
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_DEVICE: missing}
+        )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "cannot_connect"}
+    # The typed path is kept as the default.
+    assert next(iter(result["data_schema"].schema)).default() == missing
+
+
+# -- zeroconf -------------------------------------------------------------------
+
+
+async def test_zeroconf_creates_entry(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    sim, port = node
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": SOURCE_ZEROCONF},
+        data=_zeroconf_info(port, {"id": NODE_ID, "shortname": "SIM"}),
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "zeroconf_confirm"
+    assert result["description_placeholders"]["name"] == "Sim Node"
+    assert result["description_placeholders"]["firmware"] == "2.7.15.567b8ea"
+    flows = hass.config_entries.flow.async_progress()
+    assert flows[0]["context"]["title_placeholders"] == {"name": "Sim Node"}
+    assert flows[0]["context"]["unique_id"] == str(NODE_NUM)
+
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["title"] == "Sim Node"
+    assert result["data"] == {
+        CONF_CONNECTION: CONNECTION_TCP,
+        CONF_HOST: "127.0.0.1",
+        CONF_PORT: port,
+    }
+    assert sim.handshakes >= 1
+
+
+async def test_zeroconf_known_node_is_not_contacted(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    """The TXT id identifies a configured node: no probe takes its connection."""
+    sim, _ = node
+    entry = _tcp_entry(hass)
+    await _loaded_entry(hass, entry)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": SOURCE_ZEROCONF},
+        data=_zeroconf_info(None, {"id": NODE_ID}),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data[CONF_HOST] == "127.0.0.1"
+    assert entry.data[CONF_PORT] == 4403  # no port announced: the default
+    assert sim.connections == 0
+    await hass.async_block_till_done()
+    assert len(mock_setup_entry.mock_calls) == 1
+
+
+async def test_zeroconf_without_id_probes_then_updates(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    sim, port = node
+    entry = _tcp_entry(hass)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": SOURCE_ZEROCONF},
+        data=_zeroconf_info(port, {"shortname": "SIM"}),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data == {
+        CONF_CONNECTION: CONNECTION_TCP,
+        CONF_HOST: "127.0.0.1",
+        CONF_PORT: port,
+    }
+    assert sim.handshakes >= 1
+
+
+async def test_zeroconf_keeps_serial_entry(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock
+) -> None:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=str(NODE_NUM),
+        data={CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: "/dev/ttyACM0"},
+    )
+    entry.add_to_hass(hass)
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": SOURCE_ZEROCONF},
+        data=_zeroconf_info(4403, {"id": NODE_ID}),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "already_configured"
+    assert entry.data == {
+        CONF_CONNECTION: CONNECTION_SERIAL,
+        CONF_DEVICE: "/dev/ttyACM0",
+    }
+
+
+async def test_zeroconf_unreachable_with_bad_id(hass: HomeAssistant) -> None:
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN,
+        context={"source": SOURCE_ZEROCONF},
+        data=_zeroconf_info(free_port(), {"id": "not-a-node"}),
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "cannot_connect"
+
+
+# -- reconfigure ----------------------------------------------------------------
+
+
+async def test_reconfigure_tcp(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, mock_unload_entry: AsyncMock, node
+) -> None:
+    sim, port = node
+    entry = _tcp_entry(hass, **{CONF_PORT: 4404})
+    await _loaded_entry(hass, entry)
+
+    result = await entry.start_reconfigure_flow(hass)
+    assert result["type"] is FlowResultType.MENU
+    assert result["step_id"] == "reconfigure"
+    assert list(result["menu_options"]) == ["tcp", "serial"]
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "tcp"}
+    )
+    assert result["step_id"] == "tcp"
+    defaults = {key.schema: key.default() for key in result["data_schema"].schema}
+    assert defaults == {CONF_HOST: "192.0.2.7", CONF_PORT: 4404}
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data == {
+        CONF_CONNECTION: CONNECTION_TCP,
+        CONF_HOST: "127.0.0.1",
+        CONF_PORT: port,
+    }
+    await hass.async_block_till_done()
+    # Unloaded for the probe, then set up again with the new data.
+    assert entry.state is ConfigEntryState.LOADED
+    assert len(mock_unload_entry.mock_calls) == 1
+    assert len(mock_setup_entry.mock_calls) == 2
+    assert sim.handshakes >= 1
+
+
+async def test_reconfigure_wrong_node(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock
+) -> None:
+    entry = _tcp_entry(hass)
+    await _loaded_entry(hass, entry)
+    other, port = await _start_node(node_num=OTHER_NUM, long_name="Other Node")
+    try:
+        result = await entry.start_reconfigure_flow(hass)
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "tcp"}
+        )
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+        )
+    finally:
+        await other.stop()
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "wrong_node"
+    assert result["description_placeholders"] == {
+        "name": "Other Node",
+        "node_id": "!0badcafe",
+    }
+    assert entry.data[CONF_HOST] == "192.0.2.7"
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_reconfigure_error_keeps_entry_running(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, node
+) -> None:
+    _, port = node
+    entry = _tcp_entry(hass)
+    await _loaded_entry(hass, entry)
+    result = await entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "tcp"}
+    )
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: free_port()}
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "cannot_connect"}
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+    assert entry.data[CONF_HOST] == "192.0.2.7"
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
+    assert result["reason"] == "reconfigure_successful"
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.LOADED
+
+
+async def test_reconfigure_tcp_to_serial(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock, serial_node
+) -> None:
+    _, device = serial_node
+    entry = _tcp_entry(hass)
+    # Not loaded: nothing to unload or set up again.
+    result = await entry.start_reconfigure_flow(hass)
+    with _list_ports():
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "serial"}
+        )
+    assert result["step_id"] == "serial"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_DEVICE: device}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    assert entry.data == {CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    await hass.async_block_till_done()
+    assert entry.state is ConfigEntryState.NOT_LOADED
+    assert mock_setup_entry.mock_calls == []
+
+
+async def test_reconfigure_serial_shows_current_device(
+    hass: HomeAssistant, mock_setup_entry: AsyncMock
+) -> None:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=str(NODE_NUM),
+        data={CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: "/dev/ttyACM0"},
+    )
+    entry.add_to_hass(hass)
+    result = await entry.start_reconfigure_flow(hass)
+    with _list_ports(_port_info("/dev/ttyUSB0")):
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {"next_step_id": "serial"}
+        )
+    assert next(iter(result["data_schema"].schema)).default() == "/dev/ttyACM0"
+    # The TCP form of a serial entry starts empty.
+    result = await entry.start_reconfigure_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"next_step_id": "tcp"}
+    )
+    defaults = {key.schema: key.default() for key in result["data_schema"].schema}
+    assert defaults == {CONF_HOST: "", CONF_PORT: 4403}
+
+
+async def _wait_running(entry: MockConfigEntry) -> None:
+    async with asyncio.timeout(5):
+        while not (
+            entry.runtime_data.available and entry.runtime_data.proxy.broker_connected
+        ):
+            await asyncio.sleep(0.02)
+
+
+async def test_reconfigure_running_serial_entry(
+    hass: HomeAssistant, mosquitto: Mosquitto
+) -> None:
+    """A running entry holds its serial port exclusively; reconfigure frees it."""
+    master_fd, slave_fd = os.openpty()
+    sim = SimulatedNode(default_profile(mqtt_address=f"127.0.0.1:{mosquitto.port}"))
+    await sim.serve_serial(master_fd)
+    device = os.ttyname(slave_fd)
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="Sim Node",
+        unique_id=str(NODE_NUM),
+        data={CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device},
+    )
+    entry.add_to_hass(hass)
+    try:
+        await _loaded_entry(hass, entry)
+        # Also wait for the broker session: unloading while aiomqtt is still
+        # connecting leaves its task behind.
+        await _wait_running(entry)
+        handshakes = sim.handshakes
+
+        result = await entry.start_reconfigure_flow(hass)
+        with _list_ports():
+            result = await hass.config_entries.flow.async_configure(
+                result["flow_id"], {"next_step_id": "serial"}
+            )
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_DEVICE: device}
+        )
+        assert result["type"] is FlowResultType.ABORT
+        assert result["reason"] == "reconfigure_successful"
+        await hass.async_block_till_done()
+        assert entry.state is ConfigEntryState.LOADED
+        # The probe's handshake, then the set-up-again entry's own.
+        await sim.wait_for(lambda: sim.handshakes >= handshakes + 2)
+        await _wait_running(entry)
+        assert await hass.config_entries.async_unload(entry.entry_id)
+    finally:
+        await sim.stop()
+        os.close(slave_fd)
+        os.close(master_fd)
+
+
+# -- reauth ---------------------------------------------------------------------
+
+
+def _custom_broker_entry(
+    hass: HomeAssistant, broker_port: int, **options: object
+) -> MockConfigEntry:
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="Sim Node",
+        unique_id=str(NODE_NUM),
+        data={CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "192.0.2.7", CONF_PORT: 4403},
+        options={
+            CONF_BROKER_MODE: BROKER_MODE_CUSTOM,
+            CONF_BROKER_HOST: "127.0.0.1",
+            CONF_BROKER_PORT: broker_port,
+            CONF_BROKER_TLS: False,
+            CONF_BROKER_USERNAME: "u",
+            CONF_BROKER_PASSWORD: "old",
+            CONF_FORWARD_RETAINED: True,
+            **options,
+        },
+    )
+    entry.add_to_hass(hass)
+    return entry
+
+
+async def test_reauth(hass: HomeAssistant, password_broker: Mosquitto) -> None:
+    entry = _custom_broker_entry(hass, password_broker.port)
+    result = await entry.start_reauth_flow(hass)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "reauth_confirm"
+    assert result["description_placeholders"] == {
+        "name": "Sim Node",
+        "broker": f"127.0.0.1:{password_broker.port}",
+    }
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"],
+        {CONF_BROKER_USERNAME: "u", CONF_BROKER_PASSWORD: "wrong"},
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "invalid_auth"}
+    assert entry.options[CONF_BROKER_PASSWORD] == "old"
+
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_BROKER_USERNAME: " u ", CONF_BROKER_PASSWORD: "p"}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reauth_successful"
+    assert entry.options[CONF_BROKER_USERNAME] == "u"
+    assert entry.options[CONF_BROKER_PASSWORD] == "p"
+    assert entry.options[CONF_FORWARD_RETAINED] is True
+    assert entry.data[CONF_HOST] == "192.0.2.7"
+
+
+async def test_reauth_cannot_connect_and_unknown(
+    hass: HomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = _custom_broker_entry(hass, free_port())
+    result = await entry.start_reauth_flow(hass)
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {CONF_BROKER_USERNAME: "u", CONF_BROKER_PASSWORD: "p"}
+    )
+    assert result["errors"] == {"base": "cannot_connect"}
+
+    with patch.object(config_flow, "validate_broker", side_effect=RuntimeError("boom")):
+        result = await hass.config_entries.flow.async_configure(
+            result["flow_id"], {CONF_BROKER_USERNAME: "u", CONF_BROKER_PASSWORD: "p"}
+        )
+    assert result["errors"] == {"base": "unknown"}
+    assert "Unexpected error while checking the broker" in caplog.text
+    assert entry.options[CONF_BROKER_PASSWORD] == "old"
+
+
+async def test_reauth_without_custom_broker(hass: HomeAssistant) -> None:
+    entry = _tcp_entry(hass)
+    result = await entry.start_reauth_flow(hass)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "no_custom_broker"
+
+
+# -- options --------------------------------------------------------------------
+
+
+async def test_options_node_broker(hass: HomeAssistant) -> None:
+    entry = _tcp_entry(hass)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "init"
+    defaults = {key.schema: key.default() for key in result["data_schema"].schema}
+    assert defaults == {
+        CONF_BROKER_MODE: BROKER_MODE_NODE,
+        CONF_ALLOW_SELF_SIGNED: False,
+        CONF_FORWARD_RETAINED: False,
+        CONF_FORWARD_OWN_ECHOES: False,
+        CONF_UPLINK_QUEUE_SIZE: 1000,
+    }
+
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"],
+        {
+            CONF_BROKER_MODE: BROKER_MODE_NODE,
+            CONF_ALLOW_SELF_SIGNED: True,
+            CONF_FORWARD_RETAINED: False,
+            CONF_FORWARD_OWN_ECHOES: True,
+            CONF_UPLINK_QUEUE_SIZE: 250.0,
+        },
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options == {
+        CONF_BROKER_MODE: BROKER_MODE_NODE,
+        CONF_ALLOW_SELF_SIGNED: True,
+        CONF_FORWARD_RETAINED: False,
+        CONF_FORWARD_OWN_ECHOES: True,
+        CONF_UPLINK_QUEUE_SIZE: 250,
+    }
+    assert isinstance(entry.options[CONF_UPLINK_QUEUE_SIZE], int)
+
+
+def _init_input(mode: str = BROKER_MODE_CUSTOM) -> dict[str, object]:
+    return {
+        CONF_BROKER_MODE: mode,
+        CONF_ALLOW_SELF_SIGNED: False,
+        CONF_FORWARD_RETAINED: False,
+        CONF_FORWARD_OWN_ECHOES: False,
+        CONF_UPLINK_QUEUE_SIZE: 1000,
+    }
+
+
+async def test_options_custom_broker(
+    hass: HomeAssistant, password_broker: Mosquitto
+) -> None:
+    entry = _tcp_entry(hass)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], _init_input()
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "broker"
+    defaults = {
+        key.schema: key.default()
+        for key in result["data_schema"].schema
+        if key.default is not vol.UNDEFINED
+    }
+    assert defaults == {
+        CONF_BROKER_HOST: "",
+        CONF_BROKER_PORT: 1883,
+        CONF_BROKER_TLS: False,
+    }
+
+    broker = {
+        CONF_BROKER_HOST: "127.0.0.1",
+        CONF_BROKER_PORT: float(password_broker.port),
+        CONF_BROKER_TLS: False,
+        CONF_BROKER_USERNAME: "u",
+        CONF_BROKER_PASSWORD: "nope",
+    }
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], broker
+    )
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "invalid_auth"}
+
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**broker, CONF_BROKER_PASSWORD: "p"}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options == {
+        **_init_input(),
+        CONF_BROKER_HOST: "127.0.0.1",
+        CONF_BROKER_PORT: password_broker.port,
+        CONF_BROKER_TLS: False,
+        CONF_BROKER_USERNAME: "u",
+        CONF_BROKER_PASSWORD: "p",
+    }
+
+    # Again, leaving the password empty: the saved one is kept (and accepted).
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    defaults = {key.schema: key.default() for key in result["data_schema"].schema}
+    assert defaults[CONF_BROKER_MODE] == BROKER_MODE_CUSTOM
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**_init_input(), CONF_FORWARD_RETAINED: True}
+    )
+    suggested = {
+        key.schema: (key.description or {}).get("suggested_value")
+        for key in result["data_schema"].schema
+    }
+    assert suggested[CONF_BROKER_USERNAME] == "u"
+    assert suggested[CONF_BROKER_PASSWORD] is None  # never sent to the browser
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"],
+        {
+            CONF_BROKER_HOST: "127.0.0.1",
+            CONF_BROKER_PORT: password_broker.port,
+            CONF_BROKER_TLS: False,
+            CONF_BROKER_USERNAME: "u",
+        },
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options[CONF_BROKER_PASSWORD] == "p"
+    assert entry.options[CONF_FORWARD_RETAINED] is True
+
+
+async def test_options_broker_errors(
+    hass: HomeAssistant, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = _tcp_entry(hass)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**_init_input(), CONF_ALLOW_SELF_SIGNED: True}
+    )
+    base = {CONF_BROKER_HOST: "127.0.0.1", CONF_BROKER_TLS: False}
+    flow_id = result["flow_id"]
+
+    result = await hass.config_entries.options.async_configure(
+        flow_id, {**base, CONF_BROKER_HOST: "  ", CONF_BROKER_PORT: mosquitto.port}
+    )
+    assert result["errors"] == {CONF_BROKER_HOST: "invalid_host"}
+
+    result = await hass.config_entries.options.async_configure(
+        flow_id, {**base, CONF_BROKER_PORT: free_port()}
+    )
+    assert result["errors"] == {"base": "cannot_connect"}
+
+    # TLS to a plain listener fails the handshake.
+    result = await hass.config_entries.options.async_configure(
+        flow_id, {**base, CONF_BROKER_PORT: mosquitto.port, CONF_BROKER_TLS: True}
+    )
+    assert result["errors"] == {"base": "cannot_connect"}
+    # The form keeps what was typed.
+    defaults = {
+        key.schema: key.default()
+        for key in result["data_schema"].schema
+        if key.default is not vol.UNDEFINED
+    }
+    assert defaults[CONF_BROKER_TLS] is True
+
+    with patch.object(config_flow, "validate_broker", side_effect=RuntimeError("boom")):
+        result = await hass.config_entries.options.async_configure(
+            flow_id, {**base, CONF_BROKER_PORT: mosquitto.port}
+        )
+    assert result["errors"] == {"base": "unknown"}
+
+    # Anonymous access to the session broker.
+    result = await hass.config_entries.options.async_configure(
+        flow_id, {**base, CONF_BROKER_PORT: mosquitto.port}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options[CONF_BROKER_USERNAME] == ""
+    assert entry.options[CONF_BROKER_PASSWORD] == ""
+    assert entry.options[CONF_ALLOW_SELF_SIGNED] is True
+
+
+async def test_options_self_signed_broker(
+    hass: HomeAssistant, tls_broker: Mosquitto
+) -> None:
+    entry = _tcp_entry(hass)
+    broker = {
+        CONF_BROKER_HOST: "127.0.0.1",
+        CONF_BROKER_PORT: tls_broker.port,
+        CONF_BROKER_TLS: True,
+    }
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], _init_input()
+    )
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], broker
+    )
+    # The certificate is checked unless self-signed ones are allowed.
+    assert result["errors"] == {"base": "cannot_connect"}
+
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], {**_init_input(), CONF_ALLOW_SELF_SIGNED: True}
+    )
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], broker
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert entry.options[CONF_BROKER_TLS] is True
+    assert entry.options[CONF_ALLOW_SELF_SIGNED] is True
+
+
+# -- validate_broker ------------------------------------------------------------
+
+
+async def test_validate_broker(hass: HomeAssistant, password_broker: Mosquitto) -> None:
+    port = password_broker.port
+    await validate_broker("127.0.0.1", port, False, "u", "p")
+    with pytest.raises(BrokerAuthError):
+        await validate_broker("127.0.0.1", port, False, "u", "bad")
+    with pytest.raises(BrokerAuthError):
+        await validate_broker("127.0.0.1", port, False, None, None)
+    with pytest.raises(BrokerConnectionError):
+        await validate_broker("127.0.0.1", free_port(), False, "u", "p")
+    with pytest.raises(BrokerConnectionError):
+        await validate_broker("127.0.0.1", port, True, "u", "p", verify_tls=False)
+
+
+async def test_validate_broker_refused_for_other_reason(hass: HomeAssistant) -> None:
+    async with _Peer(_server_unavailable) as peer:
+        with pytest.raises(BrokerConnectionError):
+            await validate_broker("127.0.0.1", peer.port, False, "u", "p")
+    assert peer.connections == 1
