@@ -9,13 +9,14 @@ The module-level import of the integration's ``const`` makes the project's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import meshtastic  # starts its import-time thread before any test
 import meshtastic.tcp_interface  # noqa: F401
 import pytest
 
 from custom_components.mqtt_bridge.const import DOMAIN  # noqa: F401
+from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
 
 
@@ -54,3 +55,30 @@ def private_mosquitto() -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.cleanup()
+
+
+@pytest.fixture
+def password_broker() -> Iterator[Mosquitto]:
+    """A Mosquitto that accepts only user ``u`` with password ``p``."""
+    broker = Mosquitto(users={"u": "p"})
+    broker.start()
+    yield broker
+    broker.cleanup()
+
+
+@pytest.fixture
+def tls_broker() -> Iterator[Mosquitto]:
+    """An anonymous Mosquitto with a self-signed TLS listener on ``tls_port``."""
+    broker = Mosquitto(tls=True)
+    broker.start()
+    yield broker
+    broker.cleanup()
+
+
+@pytest.fixture
+async def node(mosquitto: Mosquitto) -> AsyncIterator[SimulatedNode]:
+    """A simulated node on TCP whose MQTT settings name the session broker."""
+    sim = SimulatedNode(default_profile(mqtt_address=f"127.0.0.1:{mosquitto.port}"))
+    await sim.start_tcp()
+    yield sim
+    await sim.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 import contextlib
-import datetime
 from ipaddress import ip_address
 import json
 import os
@@ -19,10 +18,6 @@ from pathlib import Path
 import re
 from unittest.mock import AsyncMock, patch
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from homeassistant.config_entries import (
     SOURCE_USER,
     SOURCE_ZEROCONF,
@@ -142,48 +137,6 @@ def mock_setup_entry(mock_unload_entry: AsyncMock) -> Iterator[AsyncMock]:
         yield setup
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-@pytest.fixture
-def tls_broker(tls_files: tuple[Path, Path]) -> Iterator[Mosquitto]:
-    """An anonymous Mosquitto speaking only TLS, with a self-signed certificate."""
-    cert_path, key_path = tls_files
-    broker = Mosquitto(extra_config=f"certfile {cert_path}\nkeyfile {key_path}\n")
-    broker.start()
-    yield broker
-    broker.cleanup()
-
-
 async def _start_node(**overrides: object) -> tuple[SimulatedNode, int]:
     node = SimulatedNode(default_profile(**overrides))
     port = await node.start_tcp()
@@ -209,15 +162,6 @@ async def serial_node() -> AsyncIterator[tuple[SimulatedNode, str]]:
     for fd in (slave_fd, master_fd):
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-@pytest.fixture
-def password_broker() -> Iterator[Mosquitto]:
-    """A Mosquitto that accepts only user ``u`` with password ``p``."""
-    broker = Mosquitto(users={"u": "p"})
-    broker.start()
-    yield broker
-    broker.cleanup()
 
 
 class _Peer:
@@ -1165,7 +1109,7 @@ async def test_options_self_signed_broker(
     entry = _tcp_entry(hass)
     broker = {
         CONF_BROKER_HOST: "127.0.0.1",
-        CONF_BROKER_PORT: tls_broker.port,
+        CONF_BROKER_PORT: tls_broker.tls_port,
         CONF_BROKER_TLS: True,
     }
     result = await hass.config_entries.options.async_init(entry.entry_id)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 import json
 
 from google.protobuf.json_format import MessageToDict
@@ -20,6 +19,7 @@ from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 from custom_components.mqtt_bridge.const import DOMAIN
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
+from tests.common import wait_for
 
 NODE_NUM = 0x1A2B3C4D
 PSK = bytes(range(100, 116))
@@ -33,13 +33,6 @@ POSITION = (47.3769123, 8.5417456, 408)
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``cond`` in small steps; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

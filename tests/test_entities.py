@@ -6,8 +6,6 @@ of sleeping through ``UPDATE_THROTTLE``.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import aiomqtt
@@ -43,6 +41,7 @@ from pytest_homeassistant_custom_component.common import (
 from custom_components.mqtt_bridge.const import DOMAIN, UPDATE_THROTTLE
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
+from tests.common import wait_for
 
 NODE_NUM = 0x1A2B3C4D
 UNIQUE_ID = str(NODE_NUM)
@@ -90,27 +89,11 @@ EXPECTED = [
 ]
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``cond`` in small steps; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)
-
-
 def flush_updates(hass: HomeAssistant) -> None:
     """Fire the runtime's rate-limit timer instead of sleeping through it."""
     async_fire_time_changed(
         hass, dt_util.utcnow() + timedelta(seconds=UPDATE_THROTTLE + 1)
     )
-
-
-@pytest.fixture
-async def node(mosquitto: Mosquitto) -> AsyncIterator[SimulatedNode]:
-    """A simulated node whose MQTT settings point at the test broker."""
-    sim = SimulatedNode(default_profile(mqtt_address=f"127.0.0.1:{mosquitto.port}"))
-    await sim.start_tcp()
-    yield sim
-    await sim.stop()
 
 
 async def setup_entry(

@@ -8,8 +8,6 @@ simulator and real Mosquitto brokers.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import ip_address
 
 from homeassistant.config_entries import (
@@ -20,7 +18,6 @@ from homeassistant.config_entries import (
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
-import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mqtt_bridge.const import (
@@ -42,35 +39,11 @@ from custom_components.mqtt_bridge.const import (
     DOMAIN,
 )
 from custom_components.mqtt_bridge.runtime import MeshtasticRuntime
-from devkit.meshsim import SimulatedNode, default_profile
+from devkit.meshsim import SimulatedNode
 from devkit.mosquitto import Mosquitto, free_port
+from tests.common import wait_for
 
 NODE_NUM = 0x1A2B3C4D
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``cond`` in small steps; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def node(mosquitto: Mosquitto) -> AsyncIterator[SimulatedNode]:
-    """A simulated node whose MQTT settings name the session broker."""
-    sim = SimulatedNode(default_profile(mqtt_address=f"127.0.0.1:{mosquitto.port}"))
-    await sim.start_tcp()
-    yield sim
-    await sim.stop()
-
-
-@pytest.fixture
-def password_broker() -> Iterator[Mosquitto]:
-    """A Mosquitto that accepts only user ``u`` with password ``p``."""
-    broker = Mosquitto(users={"u": "p"})
-    broker.start()
-    yield broker
-    broker.cleanup()
 
 
 def _entry(hass: HomeAssistant, port: int, **options: object) -> MockConfigEntry:

@@ -33,15 +33,9 @@ from custom_components.mqtt_bridge.engine.rules import ProxyRequirement
 from custom_components.mqtt_bridge.engine.stream import encode_frame
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
+from tests.common import wait_for
 
 REMOTE = "!cafe0001"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for ``predicate`` with short polls (fails the test after ``timeout``)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -98,10 +92,10 @@ async def running_proxy(
     proxy = MeshtasticProxy(link, options)
     tasks = {asyncio.create_task(link.run()), asyncio.create_task(proxy.run())}
     try:
-        await until(lambda: link.state is LinkState.READY)
+        await wait_for(lambda: link.state is LinkState.READY)
         if wait_broker:
-            await until(lambda: proxy.broker_connected)
-            await until(
+            await wait_for(lambda: proxy.broker_connected)
+            await wait_for(
                 lambda: (
                     bool(proxy.subscriptions)
                     and proxy.active_subscriptions == proxy.subscriptions
@@ -155,13 +149,13 @@ async def test_uplink_reaches_broker(make_node, mosquitto: Mosquitto) -> None:
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run, subscriber(mosquitto) as sub:
         node.receive_text(0xCAFE0002, "hi from the mesh")
-        await until(lambda: len(sub.messages) == 1)
+        await wait_for(lambda: len(sub.messages) == 1)
         message = sub.messages[0]
         assert message.topic.value == node.topic_for(0) == "msh/2/e/LongFast/!1a2b3c4d"
         env = mqtt_pb2.ServiceEnvelope.FromString(bytes(message.payload))
         assert (env.channel_id, env.gateway_id) == ("LongFast", "!1a2b3c4d")
         assert message.qos == 1
-        await until(lambda: run.proxy.stats.uplink_messages == 1)
+        await wait_for(lambda: run.proxy.stats.uplink_messages == 1)
         assert run.proxy.stats.last_uplink is not None
 
 
@@ -169,7 +163,7 @@ async def test_text_uplink_published_as_utf8(make_node, mosquitto: Mosquitto) ->
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node), subscriber(mosquitto) as sub:
         node.inject_uplink("msh/2/map/", text='{"long_name":"Zürich"}')
-        await until(lambda: len(sub.messages) == 1)
+        await wait_for(lambda: len(sub.messages) == 1)
         assert sub.payloads() == ['{"long_name":"Zürich"}'.encode()]
 
 
@@ -177,9 +171,9 @@ async def test_retained_uplink_flag_kept(make_node, mosquitto: Mosquitto) -> Non
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run:
         node.inject_uplink("msh/2/stat/!1a2b3c4d", data=b"online", retained=True)
-        await until(lambda: run.proxy.stats.uplink_messages == 1)
+        await wait_for(lambda: run.proxy.stats.uplink_messages == 1)
         async with subscriber(mosquitto, "msh/2/stat/#") as late:
-            await until(lambda: len(late.messages) == 1)
+            await wait_for(lambda: len(late.messages) == 1)
             assert late.messages[0].retain is True
     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
         await client.publish("msh/2/stat/!1a2b3c4d", b"", retain=True)
@@ -191,12 +185,12 @@ async def test_downlink_reaches_node_as_data(make_node, mosquitto: Mosquitto) ->
     async with running_proxy(node) as run:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: len(node.downlinks) == 1)
+        await wait_for(lambda: len(node.downlinks) == 1)
         message = node.downlinks[0]
         assert message.WhichOneof("payload_variant") == "data"
         assert message.topic == f"msh/2/e/LongFast/{REMOTE}"
         assert message.data == envelope()
-        await until(lambda: len(node.mesh_injected) == 1)
+        await wait_for(lambda: len(node.mesh_injected) == 1)
         assert run.proxy.stats.downlink_messages == 1
 
 
@@ -240,7 +234,7 @@ async def test_uplink_on_blank_medium_fast_channel(make_node, mosquitto) -> None
     node = await tcp_node(make_node, mosquitto, modem_preset="MEDIUM_FAST")
     async with running_proxy(node), subscriber(mosquitto) as sub:
         node.receive_text(0xCAFE0002, "medium fast")
-        await until(lambda: len(sub.messages) == 1)
+        await wait_for(lambda: len(sub.messages) == 1)
         assert sub.messages[0].topic.value == "msh/2/e/MediumFast/!1a2b3c4d"
 
 
@@ -250,7 +244,7 @@ async def test_unsubscribed_channel_not_forwarded(make_node, mosquitto) -> None:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/Other/{REMOTE}", envelope("Other"), qos=1)
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: len(node.downlinks) == 1)
+        await wait_for(lambda: len(node.downlinks) == 1)
         assert [m.topic for m in node.downlinks] == [f"msh/2/e/LongFast/{REMOTE}"]
         assert run.proxy.stats.downlink_messages == 1
 
@@ -264,7 +258,7 @@ async def test_resubscribes_after_node_config_change(make_node, mosquitto) -> No
             ChannelSpec(name="Team", role="SECONDARY"),
         ]
         await node.reboot()
-        await until(
+        await wait_for(
             lambda: (
                 run.proxy.active_subscriptions
                 == {"msh/2/e/Family/+", "msh/2/e/Team/+", "msh/2/e/PKI/+"}
@@ -272,11 +266,11 @@ async def test_resubscribes_after_node_config_change(make_node, mosquitto) -> No
         )
         assert run.link.stats.handshakes == 2
         assert run.proxy.broker is not None
-        await until(lambda: run.proxy.broker_connected)
+        await wait_for(lambda: run.proxy.broker_connected)
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/Team/{REMOTE}", envelope("Team"), qos=1)
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: len(node.downlinks) >= 1)
+        await wait_for(lambda: len(node.downlinks) >= 1)
         await asyncio.sleep(0.1)
         assert [m.topic for m in node.downlinks] == [f"msh/2/e/Team/{REMOTE}"]
 
@@ -297,7 +291,7 @@ async def test_oversize_downlinks_counted_not_sent(make_node, mosquitto) -> None
                 f"msh/2/e/LongFast/{REMOTE}", b"not protobuf \xff", qos=1
             )
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: len(node.downlinks) == 1)
+        await wait_for(lambda: len(node.downlinks) == 1)
         dropped = run.proxy.stats.dropped
         assert dropped["downlink_topic_too_long"] == 1
         assert dropped["downlink_payload_too_large"] == 1
@@ -313,10 +307,10 @@ async def test_retained_downlinks_skipped_unless_enabled(make_node, mosquitto) -
     try:
         node = await tcp_node(make_node, mosquitto)
         async with running_proxy(node) as run:
-            await until(lambda: run.proxy.stats.dropped["downlink_retained"] == 1)
+            await wait_for(lambda: run.proxy.stats.dropped["downlink_retained"] == 1)
             assert node.downlinks == []
         async with running_proxy(node, ProxyOptions(forward_retained=True)) as run:
-            await until(lambda: len(node.downlinks) == 1)
+            await wait_for(lambda: len(node.downlinks) == 1)
             assert node.downlinks[0].retained is True
     finally:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
@@ -327,13 +321,13 @@ async def test_own_echoes_dropped_by_default(make_node, mosquitto) -> None:
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run:
         node.receive_text(0xCAFE0002, "echo?")
-        await until(lambda: run.proxy.stats.uplink_messages == 1)
+        await wait_for(lambda: run.proxy.stats.uplink_messages == 1)
         # Another client replays our own envelope (e.g. a bridge): still dropped.
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(
                 node.topic_for(0), envelope(gateway=node.node_id), qos=1
             )
-        await until(lambda: run.proxy.stats.dropped["downlink_own_echo"] == 1)
+        await wait_for(lambda: run.proxy.stats.dropped["downlink_own_echo"] == 1)
         assert node.implicit_acks == 0
         assert node.downlinks == []
 
@@ -348,7 +342,7 @@ async def test_own_echoes_forwarded_become_implicit_acks(make_node, mosquitto) -
         status = await run.link.send_packet(packet)
         assert status is not None
         assert status.res == 0
-        await until(lambda: node.implicit_acks == 1)
+        await wait_for(lambda: node.implicit_acks == 1)
         assert run.proxy.stats.downlink_messages >= 1
         assert run.proxy.stats.dropped["downlink_own_echo"] == 0
 
@@ -362,15 +356,15 @@ async def test_broker_outage_queues_and_flushes_uplinks(
         assert run.proxy.broker is not None
         run.proxy.broker.backoff = Backoff(base=30, cap=30)
         broker.kill()
-        await until(lambda: not run.proxy.broker_connected)
+        await wait_for(lambda: not run.proxy.broker_connected)
         for i in range(5):
             node.receive_text(0xCAFE0002, f"queued {i}")
-        await until(lambda: run.proxy.uplink_queue_depth == 5)
+        await wait_for(lambda: run.proxy.uplink_queue_depth == 5)
         assert run.link.state is LinkState.READY  # the node link does not care
         broker.start()
         async with subscriber(broker) as sub:
             run.proxy.broker.reconnect_now()
-            await until(lambda: len(sub.messages) == 5)
+            await wait_for(lambda: len(sub.messages) == 5)
             texts = [
                 mqtt_pb2.ServiceEnvelope.FromString(p).packet for p in sub.payloads()
             ]
@@ -388,14 +382,14 @@ async def test_uplink_queue_is_bounded_drop_oldest(
         assert run.proxy.broker is not None
         run.proxy.broker.backoff = Backoff(base=30, cap=30)
         broker.kill()
-        await until(lambda: not run.proxy.broker_connected)
+        await wait_for(lambda: not run.proxy.broker_connected)
         for i in range(5):
             node.inject_uplink("msh/2/e/LongFast/!1a2b3c4d", data=b"m%d" % i)
-        await until(lambda: run.proxy.stats.dropped["uplink_queue_full"] == 2)
+        await wait_for(lambda: run.proxy.stats.dropped["uplink_queue_full"] == 2)
         broker.start()
         async with subscriber(broker) as sub:
             run.proxy.broker.reconnect_now()
-            await until(lambda: len(sub.messages) == 3)
+            await wait_for(lambda: len(sub.messages) == 3)
             assert sub.payloads() == [b"m2", b"m3", b"m4"]
 
 
@@ -403,9 +397,9 @@ async def test_node_reconnect_keeps_broker_session(make_node, mosquitto) -> None
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run, subscriber(mosquitto) as sub:
         await node.drop_client()
-        await until(lambda: run.link.stats.handshakes == 2)
+        await wait_for(lambda: run.link.stats.handshakes == 2)
         node.receive_text(0xCAFE0002, "after reconnect")
-        await until(lambda: len(sub.messages) == 1)
+        await wait_for(lambda: len(sub.messages) == 1)
         assert run.proxy.broker is not None
         assert run.proxy.broker.stats.connects == 1
 
@@ -415,11 +409,11 @@ async def test_downlinks_held_while_node_away(make_node, mosquitto) -> None:
     async with running_proxy(node) as run:
         run.link.backoff = Backoff(base=0.3, cap=0.3)
         await node.drop_client()
-        await until(lambda: run.link.state is not LinkState.READY)
+        await wait_for(lambda: run.link.state is not LinkState.READY)
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-        await until(lambda: run.proxy.downlink_queue_depth == 1)
-        await until(lambda: len(node.downlinks) == 1)
+        await wait_for(lambda: run.proxy.downlink_queue_depth == 1)
+        await wait_for(lambda: len(node.downlinks) == 1)
         assert run.proxy.stats.dropped_total == 0
 
 
@@ -430,10 +424,10 @@ async def test_second_client_takes_node_over_then_link_recovers(
     async with running_proxy(node) as run:
         _reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
         try:
-            await until(
+            await wait_for(
                 lambda: run.link.stats.failures >= 1 or run.link.stats.connects >= 2
             )
-            await until(lambda: run.link.stats.handshakes >= 2)
+            await wait_for(lambda: run.link.stats.handshakes >= 2)
             assert run.link.state is LinkState.READY
         finally:
             writer.close()
@@ -445,14 +439,14 @@ async def test_node_reboot_triggers_fresh_handshake(make_node, mosquitto) -> Non
     node = await tcp_node(make_node, mosquitto)
     async with running_proxy(node) as run:
         await node.reboot()
-        await until(lambda: run.link.stats.handshakes == 2)
+        await wait_for(lambda: run.link.stats.handshakes == 2)
         assert node.handshakes == 2
 
 
 async def test_missing_node_settings_reported(make_node, mosquitto) -> None:
     node = await tcp_node(make_node, mosquitto, proxy_to_client_enabled=False)
     async with running_proxy(node, wait_broker=False) as run:
-        await until(lambda: run.proxy.status is ProxyStatus.NODE_SETTINGS_MISSING)
+        await wait_for(lambda: run.proxy.status is ProxyStatus.NODE_SETTINGS_MISSING)
         assert run.proxy.missing_settings == [ProxyRequirement.PROXY_TO_CLIENT]
         assert run.proxy.broker is None
 
@@ -461,7 +455,7 @@ async def test_empty_address_uses_public_server_defaults(make_node) -> None:
     node = make_node(mqtt_address="", mqtt_root="")
     await node.start_tcp()
     async with running_proxy(node, wait_broker=False) as run:
-        await until(lambda: run.proxy.broker_settings is not None)
+        await wait_for(lambda: run.proxy.broker_settings is not None)
         settings = run.proxy.broker_settings
         assert settings is not None
         assert (settings.host, settings.port, settings.tls) == (
@@ -473,7 +467,7 @@ async def test_empty_address_uses_public_server_defaults(make_node) -> None:
         assert run.proxy.subscriptions == {"msh/2/e/LongFast/+", "msh/2/e/PKI/+"}
         # No internet here: the attempt fails, is counted, and nothing crashes.
         assert run.proxy.broker is not None
-        await until(lambda: run.proxy.broker.stats.failures >= 1)
+        await wait_for(lambda: run.proxy.broker.stats.failures >= 1)
         assert run.link.state is LinkState.READY
 
 
@@ -486,7 +480,7 @@ async def test_tls_broker_self_signed(make_node) -> None:
         await node.start_tcp()
         async with running_proxy(node, wait_broker=False) as run:
             assert run.proxy.broker is not None
-            await until(lambda: run.proxy.broker.stats.failures >= 1)
+            await wait_for(lambda: run.proxy.broker.stats.failures >= 1)
             assert not run.proxy.broker_connected
             assert "CERTIFICATE_VERIFY_FAILED" in (
                 run.proxy.broker.stats.last_error or ""
@@ -511,7 +505,7 @@ async def test_rejected_credentials_stop_retrying(make_node) -> None:
         )
         await node.start_tcp()
         async with running_proxy(node, wait_broker=False) as run:
-            await until(lambda: run.proxy.status is ProxyStatus.BROKER_AUTH_FAILED)
+            await wait_for(lambda: run.proxy.status is ProxyStatus.BROKER_AUTH_FAILED)
             assert run.proxy.broker is not None
             assert run.proxy.broker.state is BrokerState.AUTH_FAILED
             failures = run.proxy.broker.stats.failures
@@ -532,7 +526,7 @@ async def test_broker_override_replaces_node_broker(make_node, mosquitto) -> Non
     async with running_proxy(node, ProxyOptions(broker_override=override)) as run:
         async with subscriber(mosquitto) as sub:
             node.receive_text(0xCAFE0002, "via override")
-            await until(lambda: len(sub.messages) == 1)
+            await wait_for(lambda: len(sub.messages) == 1)
         assert run.proxy.broker_settings is not None
         assert run.proxy.broker_settings.root == "msh"
 
@@ -546,10 +540,10 @@ async def test_serial_link_over_pty(make_node, mosquitto) -> None:
         async with running_proxy(node, connector=serial_connector(path)) as run:
             async with subscriber(mosquitto) as sub:
                 node.receive_text(0xCAFE0002, "over serial")
-                await until(lambda: len(sub.messages) == 1)
+                await wait_for(lambda: len(sub.messages) == 1)
             async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
                 await client.publish(f"msh/2/e/LongFast/{REMOTE}", envelope(), qos=1)
-            await until(lambda: len(node.downlinks) == 1)
+            await wait_for(lambda: len(node.downlinks) == 1)
             assert run.link.stats.garbage_bytes > 0  # the node's log lines
     finally:
         serve.cancel()
@@ -568,7 +562,7 @@ async def test_many_downlinks_paced_in_order(make_node, mosquitto) -> None:
                 await client.publish(
                     f"msh/2/e/LongFast/{REMOTE}", envelope(text=f"m{i}"), qos=1
                 )
-        await until(lambda: len(node.downlinks) == 200, timeout=10)
+        await wait_for(lambda: len(node.downlinks) == 200, timeout=10)
         texts = [
             mqtt_pb2.ServiceEnvelope.FromString(m.data).packet.decoded.payload
             for m in node.downlinks
@@ -672,12 +666,12 @@ async def test_garbage_truncated_and_oversize_frames_survive() -> None:
     link = NodeLink(tcp_connector("127.0.0.1", port), name="scripted")
     task = asyncio.create_task(link.run())
     try:
-        await until(lambda: link.state is LinkState.READY)
+        await wait_for(lambda: link.state is LinkState.READY)
         assert link.snapshot is not None
         assert link.snapshot.node_num == 7
         assert link.stats.garbage_bytes >= len(b"INFO | booting\r\n")
         assert link.stats.oversize_frames >= 1
-        await until(lambda: link.stats.decode_errors == 1)
+        await wait_for(lambda: link.stats.decode_errors == 1)
     finally:
         task.cancel()
         await asyncio.wait({task})
@@ -696,10 +690,10 @@ async def test_heartbeats_sent_and_silent_node_declared_dead() -> None:
     )
     task = asyncio.create_task(link.run())
     try:
-        await until(lambda: link.state is LinkState.READY)
-        await until(lambda: peer.heartbeats >= 2)
+        await wait_for(lambda: link.state is LinkState.READY)
+        await wait_for(lambda: peer.heartbeats >= 2)
         # After two answers the peer stays connected but silent.
-        await until(lambda: peer.connections >= 2, timeout=5)
+        await wait_for(lambda: peer.connections >= 2, timeout=5)
         assert "silent" in (link.stats.last_error or "") or link.stats.failures >= 1
     finally:
         task.cancel()
@@ -717,7 +711,7 @@ async def test_unreachable_node_backs_off() -> None:
     )
     task = asyncio.create_task(link.run())
     try:
-        await until(lambda: link.stats.failures >= 3)
+        await wait_for(lambda: link.stats.failures >= 3)
         assert link.state in (LinkState.DISCONNECTED, LinkState.CONNECTING)
         assert "cannot connect" in (link.stats.last_error or "")
     finally:

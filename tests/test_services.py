@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from homeassistant.core import HomeAssistant
@@ -17,17 +17,11 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mqtt_bridge.const import DOMAIN
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto, free_port
+from tests.common import wait_for
 
 NODE_NUM = 0x1A2B3C4D
 OTHER_NODE = 0x433E1F70
 BROADCAST = 0xFFFFFFFF
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll ``cond`` in small steps; fail after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def _abandon(client: aiomqtt.Client) -> None:
     runs aiomqtt's socket-close callback, which stops its ``_misc_loop`` task.
     """
     with contextlib.suppress(Exception):
-        client._client._sock_close()  # noqa: SLF001
+        client._client._sock_close()
     misc = getattr(client, "_misc_task", None)
     if misc is not None and not misc.done():
         misc.cancel()
