@@ -566,17 +566,9 @@ class MqttBridgeOptionsFlow(OptionsFlow):
                     default=current.get(CONF_BROKER_MODE, BROKER_MODE_NODE),
                 ): SelectSelector(
                     SelectSelectorConfig(
-                        options=[
-                            SelectOptionDict(
-                                value=BROKER_MODE_NODE,
-                                label="The broker in the node's MQTT settings",
-                            ),
-                            SelectOptionDict(
-                                value=BROKER_MODE_CUSTOM,
-                                label="Another broker (e.g. Home Assistant's Mosquitto)",
-                            ),
-                        ],
+                        options=[BROKER_MODE_NODE, BROKER_MODE_CUSTOM],
                         mode=SelectSelectorMode.LIST,
+                        translation_key=CONF_BROKER_MODE,
                     )
                 ),
                 vol.Required(
