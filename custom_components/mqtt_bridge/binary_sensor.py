@@ -68,11 +68,6 @@ class MqttBridgeBinarySensor(MqttBridgeEntity, BinarySensorEntity):
     entity_description: MqttBridgeBinarySensorDescription
 
     @property
-    def available(self) -> bool:
-        """Node connection: always; broker connection: while the node is."""
-        return self.entity_description.always_available or super().available
-
-    @property
     def is_on(self) -> bool:
         """Whether the connection is up."""
         return self.entity_description.is_on_fn(self.runtime)

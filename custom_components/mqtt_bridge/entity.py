@@ -67,8 +67,14 @@ class MqttBridgeEntity(Entity):
 
     @property
     def available(self) -> bool:
-        """Whether the node link is live."""
-        return self.runtime.available
+        """Whether the node link is live, or the description says ``always_available``.
+
+        Status entities (node connection, proxy status) stay available so they
+        can report the outage itself.
+        """
+        return self.runtime.available or getattr(
+            self.entity_description, "always_available", False
+        )
 
     async def async_added_to_hass(self) -> None:
         """Write the state whenever the runtime says something changed."""

@@ -217,11 +217,6 @@ class MqttBridgeSensor(MqttBridgeEntity, SensorEntity):
     entity_description: MqttBridgeSensorDescription
 
     @property
-    def available(self) -> bool:
-        """Available while the node is connected (proxy status: always)."""
-        return self.entity_description.always_available or super().available
-
-    @property
     def native_value(self) -> StateType | datetime:
         """The current value."""
         return self.entity_description.value_fn(self.runtime)
