@@ -775,3 +775,26 @@ async def test_cancel_during_broker_connect_leaves_nothing() -> None:
     for leftover in leftovers:
         await asyncio.wait({leftover}, timeout=1)
     assert all(t.done() for t in leftovers)
+
+
+async def test_incoming_queue_is_bounded_and_counts_drops() -> None:
+    """aiomqtt's incoming queue is bounded; what a full queue discards is counted."""
+    from custom_components.mqtt_bridge.engine.broker import BrokerClient
+    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+
+    dropped: list[None] = []
+    client = BrokerClient(
+        BrokerSettings("127.0.0.1", 1883, False, None, None, "msh"),
+        client_id="bound-test",
+        on_message=lambda *_: None,
+        on_incoming_dropped=lambda: dropped.append(None),
+        incoming_queue_size=2,
+    )
+    queue = client._incoming_queue_type()(maxsize=client.incoming_queue_size)
+    message = aiomqtt.Message("msh/2/e/LongFast/!1", b"x", 1, False, 1, None)
+    queue.put_nowait(message)
+    queue.put_nowait(message)
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message)  # aiomqtt catches this and discards the message
+    assert client.stats.incoming_dropped == 1
+    assert len(dropped) == 1

@@ -72,6 +72,7 @@ class BrokerStats:
     published: int = 0
     received: int = 0
     dropped: int = 0
+    incoming_dropped: int = 0
     rejected_subscriptions: int = 0
     last_error: str | None = None
 
@@ -127,7 +128,9 @@ class BrokerClient:
         on_message: Callable[[str, bytes, bool], None],
         on_state: Callable[[BrokerState], None] | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_incoming_dropped: Callable[[], None] | None = None,
         queue_size: int = 1000,
+        incoming_queue_size: int = 1000,
         keepalive: int = 60,
         inflight: int = 20,
         no_local: bool = True,
@@ -148,6 +151,8 @@ class BrokerClient:
         self._on_message = on_message
         self._on_state = on_state
         self._on_published = on_published
+        self._on_incoming_dropped = on_incoming_dropped
+        self.incoming_queue_size = max(1, incoming_queue_size)
         self._tls_context = tls_context
         self._queue: deque[OutgoingMessage] = deque()
         self._queue_ready = asyncio.Event()
@@ -264,10 +269,30 @@ class BrokerClient:
             max_inflight_messages=self.inflight,
             tls_context=tls_context,
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            queue_type=self._incoming_queue_type(),
+            max_queued_incoming_messages=self.incoming_queue_size,
         )
         # aiomqtt warns above 10 pending calls; our window is deliberate.
         client.pending_calls_threshold = self.inflight + 16
         return client
+
+    def _incoming_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """Return aiomqtt's incoming queue class, counting what a full queue drops.
+
+        aiomqtt discards a message that finds its queue full (and logs it); the
+        bound keeps a flood from growing memory, the count keeps it visible.
+        """
+        owner = self
+
+        class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if self.full():
+                    owner.stats.incoming_dropped += 1
+                    if owner._on_incoming_dropped is not None:
+                        owner._on_incoming_dropped()
+                super().put_nowait(item)
+
+        return _CountingQueue
 
     async def _attempt(self) -> float:
         self._set_state(BrokerState.CONNECTING)

@@ -220,6 +220,10 @@ class MeshtasticProxy(NodeLinkListener):
             self.error = None
         self._changed()
 
+    def _on_incoming_dropped(self) -> None:
+        # The broker delivered faster than the node link drains.
+        self._drop("downlink", DownlinkDrop.QUEUE_FULL)
+
     def _on_published(self, count: int) -> None:
         self.stats.uplink_messages += count
         self.stats.last_uplink = time.time()
@@ -334,6 +338,7 @@ class MeshtasticProxy(NodeLinkListener):
                 on_message=self._on_broker_message,
                 on_state=self._on_broker_state,
                 on_published=self._on_published,
+                on_incoming_dropped=self._on_incoming_dropped,
                 queue_size=self.options.uplink_queue_size,
                 no_local=not self.options.forward_own_echoes,
             )

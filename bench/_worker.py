@@ -1,0 +1,192 @@
+"""Child process of ``bench/proxy.py``: runs the proxy engine alone, nothing else.
+
+Started as ``python bench/_worker.py --node-port N [--profile FILE]``. It runs one
+:class:`NodeLink` to the simulated node and one :class:`MeshtasticProxy` (the
+broker comes from the node's MQTT settings), with the standard asyncio event
+loop, as Home Assistant would. Control is line-based:
+
+* stdout: one JSON object per line: ``{"event": "ready", ...}`` once the link
+  is live and the broker session is up, then one answer per command;
+* stdin: ``stats`` (answer: counters and queue depths), ``debug`` (sizes of
+  aiomqtt/paho buffers, found with ``gc``), ``quit`` (or EOF):
+  stop the engine, write the profile if asked, exit 0.
+
+``--profile FILE`` writes a cProfile dump timed with ``time.process_time`` (CPU
+time, so preemption on a busy machine and idle waits do not count).
+
+The engine package is loaded without executing ``custom_components/__init__``
+and ``custom_components/mqtt_bridge/__init__`` (which import Home Assistant), so
+the process's CPU time and RSS are the engine's own: ``homeassistant`` is never
+imported (reported in the ready line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import json
+import logging
+from pathlib import Path
+import sys
+import time
+import types
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_engine_packages() -> None:
+    """Register the two parent packages as bare namespaces (no HA import)."""
+    for name, path in (
+        ("custom_components", ROOT / "custom_components"),
+        ("custom_components.mqtt_bridge", ROOT / "custom_components" / "mqtt_bridge"),
+    ):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)]
+        sys.modules[name] = module
+
+
+_load_engine_packages()
+
+from custom_components.mqtt_bridge.engine.node_link import (  # noqa: E402
+    Backoff,
+    LinkState,
+    NodeLink,
+    tcp_connector,
+)
+from custom_components.mqtt_bridge.engine.proxy import (  # noqa: E402
+    MeshtasticProxy,
+    ProxyOptions,
+)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    """Write one JSON line to stdout (the bench reads it)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _stats(link: NodeLink, proxy: MeshtasticProxy) -> dict[str, Any]:
+    """Counters the bench uses to explain losses."""
+    broker = proxy.broker
+    return {
+        "event": "stats",
+        "link_state": str(link.state),
+        "proxy_status": str(proxy.status),
+        "uplink_messages": proxy.stats.uplink_messages,
+        "downlink_messages": proxy.stats.downlink_messages,
+        "dropped": dict(proxy.stats.dropped),
+        "uplink_queue": proxy.uplink_queue_depth,
+        "downlink_queue": proxy.downlink_queue_depth,
+        "broker_published": broker.stats.published if broker else 0,
+        "broker_received": broker.stats.received if broker else 0,
+        "broker_dropped": broker.stats.dropped if broker else 0,
+        "frames_rx": link.stats.frames_rx,
+        "frames_tx": link.stats.frames_tx,
+        "link_failures": link.stats.failures,
+        "broker_failures": broker.stats.failures if broker else 0,
+    }
+
+
+def _debug() -> dict[str, Any]:
+    """Sizes of the library-level buffers the engine does not bound itself."""
+    import aiomqtt
+
+    clients = [o for o in gc.get_objects() if isinstance(o, aiomqtt.Client)]
+    out: dict[str, Any] = {"event": "debug", "tasks": len(asyncio.all_tasks())}
+    for client in clients:
+        paho = client._client
+        out["aiomqtt_incoming_queue"] = client._queue.qsize()
+        out["aiomqtt_pending_publishes"] = len(client._pending_publishes)
+        out["paho_out_packets"] = len(paho._out_packet)
+        out["paho_out_messages"] = len(paho._out_messages)
+        out["paho_in_messages"] = len(paho._in_messages)
+    return out
+
+
+async def _wait_ready(link: NodeLink, proxy: MeshtasticProxy, timeout: float) -> None:
+    """Wait until the link is live and the broker session is up."""
+    async with asyncio.timeout(timeout):
+        while not (  # noqa: ASYNC110 - no event covers all three conditions
+            link.state is LinkState.READY
+            and proxy.broker_connected
+            and proxy.subscriptions
+        ):
+            await asyncio.sleep(0.01)
+
+
+async def _stdin_lines() -> asyncio.StreamReader:
+    """Return an asyncio reader on stdin."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    return reader
+
+
+async def main(node_port: int) -> None:
+    """Run the engine until ``quit`` or EOF on stdin."""
+    link = NodeLink(
+        tcp_connector("127.0.0.1", node_port),
+        name="bench",
+        backoff=Backoff(base=0.05, cap=0.5),
+    )
+    proxy = MeshtasticProxy(link, ProxyOptions())
+    tasks = {
+        asyncio.create_task(link.run(), name="link"),
+        asyncio.create_task(proxy.run(), name="proxy"),
+    }
+    stdin = await _stdin_lines()
+    try:
+        started = time.monotonic()
+        await _wait_ready(link, proxy, 20.0)
+        _emit(
+            {
+                "event": "ready",
+                "seconds": round(time.monotonic() - started, 3),
+                "subscriptions": sorted(proxy.subscriptions),
+                "homeassistant_imported": "homeassistant" in sys.modules,
+            }
+        )
+        while True:
+            line = (await stdin.readline()).decode().strip()
+            if line in ("", "quit"):
+                break
+            if line == "stats":
+                _emit(_stats(link, proxy))
+            elif line == "debug":
+                _emit(_debug())
+            else:
+                _emit({"event": "error", "message": f"unknown command {line!r}"})
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+def run() -> None:
+    """Parse argv and run; ``--profile`` writes a cProfile dump at exit."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--node-port", type=int, required=True)
+    parser.add_argument("--profile", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # CPU-time clock: the profile attributes CPU, not time spent preempted or idle.
+    profiler = cProfile.Profile(time.process_time) if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main(args.node_port))
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    run()
