@@ -777,24 +777,43 @@ async def test_cancel_during_broker_connect_leaves_nothing() -> None:
     assert all(t.done() for t in leftovers)
 
 
-async def test_incoming_queue_is_bounded_and_counts_drops() -> None:
-    """aiomqtt's incoming queue is bounded; what a full queue discards is counted."""
-    from custom_components.mqtt_bridge.engine.broker import BrokerClient
-    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
+    make_node, private_mosquitto
+) -> None:
+    broker = private_mosquitto
+    node = await tcp_node(make_node, broker)
+    async with running_proxy(node) as run:
+        assert run.proxy.broker is not None
+        run.proxy.broker.backoff = Backoff(base=30, cap=30)
+        sent: list[bytes] = []
+        after_outage: list[bytes] = []
 
-    dropped: list[None] = []
-    client = BrokerClient(
-        BrokerSettings("127.0.0.1", 1883, False, None, None, "msh"),
-        client_id="bound-test",
-        on_message=lambda *_: None,
-        on_incoming_dropped=lambda: dropped.append(None),
-        incoming_queue_size=2,
-    )
-    queue = client._incoming_queue_type()(maxsize=client.incoming_queue_size)
-    message = aiomqtt.Message("msh/2/e/LongFast/!1", b"x", 1, False, 1, None)
-    queue.put_nowait(message)
-    queue.put_nowait(message)
-    with pytest.raises(asyncio.QueueFull):
-        queue.put_nowait(message)  # aiomqtt catches this and discards the message
-    assert client.stats.incoming_dropped == 1
-    assert len(dropped) == 1
+        async def stream() -> None:
+            for i in range(300):
+                payload = b"u%03d" % i
+                sent.append(payload)
+                if not run.proxy.broker_connected:
+                    after_outage.append(payload)
+                node.inject_uplink("msh/2/e/LongFast/!1a2b3c4d", data=payload)
+                await asyncio.sleep(0.001)
+
+        async with subscriber(broker) as before:
+            streaming = asyncio.create_task(stream())
+            await wait_for(lambda: len(before.messages) >= 50)
+            broker.kill()
+            await streaming
+        assert after_outage, "the outage began while messages were flowing"
+        broker.start()
+        async with subscriber(broker) as after:
+            run.proxy.broker.reconnect_now()
+            await wait_for(lambda: run.proxy.uplink_queue_depth == 0)
+            await wait_for(lambda: set(after_outage) <= set(after.payloads()))
+            delivered = after.payloads()
+        # Held messages come out in the order the node produced them.
+        held = [p for p in delivered if p in set(after_outage)]
+        assert held == sorted(set(held))
+        assert run.proxy.stats.dropped_total == 0
+        # At-least-once: anything the broker had not acknowledged is sent again.
+        everything = set(before.payloads()) | set(delivered)
+        missing = [p for p in sent if p not in everything]
+        assert len(missing) <= run.proxy.broker.inflight

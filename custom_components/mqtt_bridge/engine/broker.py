@@ -28,8 +28,10 @@ import enum
 import logging
 import socket
 import ssl
+from typing import Any
 
 import aiomqtt
+from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -61,6 +63,7 @@ class OutgoingMessage:
     topic: str
     payload: bytes
     retain: bool
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -72,7 +75,7 @@ class BrokerStats:
     published: int = 0
     received: int = 0
     dropped: int = 0
-    incoming_dropped: int = 0
+    invalid_topics: int = 0
     rejected_subscriptions: int = 0
     last_error: str | None = None
 
@@ -128,9 +131,7 @@ class BrokerClient:
         on_message: Callable[[str, bytes, bool], None],
         on_state: Callable[[BrokerState], None] | None = None,
         on_published: Callable[[int], None] | None = None,
-        on_incoming_dropped: Callable[[], None] | None = None,
         queue_size: int = 1000,
-        incoming_queue_size: int = 1000,
         keepalive: int = 60,
         inflight: int = 20,
         no_local: bool = True,
@@ -151,8 +152,8 @@ class BrokerClient:
         self._on_message = on_message
         self._on_state = on_state
         self._on_published = on_published
-        self._on_incoming_dropped = on_incoming_dropped
-        self.incoming_queue_size = max(1, incoming_queue_size)
+        self._session: _PublishSession | None = None
+        self._seq = 0
         self._tls_context = tls_context
         self._queue: deque[OutgoingMessage] = deque()
         self._queue_ready = asyncio.Event()
@@ -179,19 +180,35 @@ class BrokerClient:
         return frozenset(self._active)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
-        """Queue a QoS-1 publish; return how many old messages were dropped (0 or 1).
+        """Publish at QoS 1 or queue; return how many old messages were dropped (0 or 1).
 
-        Never blocks: when the queue is full the oldest message is dropped and
-        counted in ``stats.dropped`` (drop-oldest, as the firmware's own queues).
+        Never blocks. With a live session, no backlog and room in the in-flight
+        window the PUBLISH is written at once; otherwise the message waits in
+        the queue, which drops its oldest message when full (counted in
+        ``stats.dropped``, drop-oldest as the firmware's own queues).
         """
-        dropped = 0
-        if len(self._queue) >= self.queue_size:
-            self._queue.popleft()
-            self.stats.dropped += 1
-            dropped = 1
-        self._queue.append(OutgoingMessage(topic, payload, retain))
+        self._seq += 1
+        item = OutgoingMessage(topic, payload, retain, self._seq)
+        session = self._session
+        if session is not None and not self._queue and session.try_start(item):
+            return 0
+        self._queue.append(item)
         self._queue_ready.set()
+        return self._trim_queue()
+
+    def _trim_queue(self) -> int:
+        dropped = 0
+        while len(self._queue) > self.queue_size:
+            self._queue.popleft()
+            dropped += 1
+        self.stats.dropped += dropped
         return dropped
+
+    def _requeue(self, items: list[OutgoingMessage]) -> None:
+        """Put unacknowledged messages back at the front, in their original order."""
+        self._queue.extendleft(sorted(items, key=lambda m: m.seq, reverse=True))
+        self._trim_queue()
+        self._queue_ready.set()
 
     def set_subscriptions(self, filters: Iterable[str]) -> None:
         """Make ``filters`` the subscribed set (subscribe new, unsubscribe gone)."""
@@ -257,9 +274,10 @@ class BrokerClient:
 
     def _client(self, tls_context: ssl.SSLContext | None) -> aiomqtt.Client:
         settings = self.settings
-        client = aiomqtt.Client(
+        client = _DirectClient(
             settings.host,
             settings.port,
+            deliver=self._deliver,
             username=settings.username,
             password=settings.password,
             identifier=self.client_id,
@@ -269,30 +287,20 @@ class BrokerClient:
             max_inflight_messages=self.inflight,
             tls_context=tls_context,
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-            queue_type=self._incoming_queue_type(),
-            max_queued_incoming_messages=self.incoming_queue_size,
         )
         # aiomqtt warns above 10 pending calls; our window is deliberate.
         client.pending_calls_threshold = self.inflight + 16
         return client
 
-    def _incoming_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
-        """Return aiomqtt's incoming queue class, counting what a full queue drops.
-
-        aiomqtt discards a message that finds its queue full (and logs it); the
-        bound keeps a flood from growing memory, the count keeps it visible.
-        """
-        owner = self
-
-        class _CountingQueue(asyncio.Queue[aiomqtt.Message]):
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                if self.full():
-                    owner.stats.incoming_dropped += 1
-                    if owner._on_incoming_dropped is not None:
-                        owner._on_incoming_dropped()
-                super().put_nowait(item)
-
-        return _CountingQueue
+    def _deliver(self, message: MQTTMessage) -> None:
+        """Hand one received message to ``on_message`` (called in paho's callback)."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self.stats.invalid_topics += 1  # MQTT requires UTF-8 topic names
+            return
+        self.stats.received += 1
+        self._on_message(topic, message.payload, bool(message.retain))
 
     async def _attempt(self) -> float:
         self._set_state(BrokerState.CONNECTING)
@@ -374,13 +382,9 @@ class BrokerClient:
         return None  # settings changed: reconnect at once
 
     async def _reader(self, client: aiomqtt.Client) -> None:
-        on_message = self._on_message
-        async for message in client.messages:
-            self.stats.received += 1
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                payload = b"" if payload is None else str(payload).encode()
-            on_message(message.topic.value, bytes(payload), bool(message.retain))
+        """Return (raise) when the session ends; messages arrive via ``_deliver``."""
+        async for _ in client.messages:  # never yields: _DirectClient delivers
+            pass
 
     async def _subscriber(self, client: aiomqtt.Client) -> None:
         subscribed = self._active
@@ -421,57 +425,135 @@ class BrokerClient:
             await self._subs_changed.wait()
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
-        window = asyncio.Semaphore(self.inflight)
-        running: set[asyncio.Task[None]] = set()
-        failed: asyncio.Future[BaseException] = (
-            asyncio.get_running_loop().create_future()
-        )
+        """Drain the queue into the session's in-flight window until it fails."""
+        session = _PublishSession(self, client)
+        self._session = session
         queue = self._queue
-
-        async def publish_one(item: OutgoingMessage) -> None:
-            try:
-                await client.publish(
-                    item.topic, item.payload, qos=1, retain=item.retain
-                )
-            except BaseException as err:
-                queue.appendleft(item)  # not acknowledged: send again later
-                self._queue_ready.set()
-                if not isinstance(err, asyncio.CancelledError) and not failed.done():
-                    failed.set_result(err)
-                raise
-            finally:
-                window.release()
-            self.stats.published += 1
-            if self._on_published is not None:
-                self._on_published(1)
-
-        def _finished(task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            if not task.cancelled():
-                task.exception()  # retrieved; reported through `failed`
-
         try:
-            while not failed.done():
-                if not queue:
-                    self._queue_ready.clear()
-                    waiter = asyncio.ensure_future(self._queue_ready.wait())
-                    try:
-                        await asyncio.wait(
-                            {waiter, failed}, return_when=asyncio.FIRST_COMPLETED
-                        )
-                    finally:
-                        waiter.cancel()
-                    continue
-                await window.acquire()
-                if not queue:
-                    window.release()
-                    continue
-                task = asyncio.create_task(publish_one(queue.popleft()))
-                running.add(task)
-                task.add_done_callback(_finished)
-            raise failed.result()
+            while not session.failed.done():
+                while queue:
+                    item = queue.popleft()
+                    if not session.try_start(item):
+                        queue.appendleft(item)
+                        break
+                self._queue_ready.clear()
+                waiter = asyncio.ensure_future(self._queue_ready.wait())
+                try:
+                    await asyncio.wait(
+                        {waiter, session.failed}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+            raise session.failed.result()
         finally:
-            for task in list(running):
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
+            self._session = None
+            await session.close()
+
+    def _acknowledged(self) -> None:
+        self.stats.published += 1
+        if self._on_published is not None:
+            self._on_published(1)
+
+
+class _DirectClient(aiomqtt.Client):
+    """An aiomqtt client that hands each message to a callback as paho receives it.
+
+    aiomqtt's message iterator costs a task and an ``asyncio.wait`` per message
+    and an unbounded queue; the proxy's own downlink queue is bounded, so the
+    message goes straight there. (Overrides aiomqtt 2.x ``Client._on_message``.)
+    """
+
+    def __init__(
+        self, *args: Any, deliver: Callable[[MQTTMessage], None], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._deliver = deliver
+
+    def _on_message(self, client: Any, userdata: Any, message: MQTTMessage) -> None:
+        self._deliver(message)
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        """Register paho's socket for writing, unless it closed in the meantime.
+
+        aiomqtt 2.x reads ``sock.fileno()`` when it schedules the registration;
+        a PUBLISH queued just as a dead broker's socket is closed then makes
+        ``add_writer`` fail on the stale descriptor (EBADF, or a reused one).
+        Reading the descriptor when the registration runs avoids both.
+        """
+        loop = self._loop
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            fileno = sock.fileno()
+            if fileno != -1:
+                loop.add_writer(fileno, write)
+
+        loop.call_soon_threadsafe(register)
+
+
+class _PublishSession:
+    """QoS-1 publishes of one broker session: a window of ``inflight`` messages.
+
+    Unacknowledged messages go back to the owner's queue, in order, when the
+    session ends.
+    """
+
+    def __init__(self, owner: BrokerClient, client: aiomqtt.Client) -> None:
+        self.owner = owner
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.inflight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.unacked: list[OutgoingMessage] = []
+        self.failed: asyncio.Future[BaseException] = self.loop.create_future()
+
+    def try_start(self, item: OutgoingMessage) -> bool:
+        """Start publishing ``item`` now if the window has room; else return False."""
+        if self.inflight >= self.owner.inflight or self.failed.done():
+            return False
+        self.inflight += 1
+        # Eager: paho writes the PUBLISH before this returns (no extra loop pass).
+        task = asyncio.Task(self._publish(item), loop=self.loop, eager_start=True)
+        if task.done():
+            self._finished(task)
+        else:
+            self.tasks.add(task)
+            task.add_done_callback(self._finished)
+        return True
+
+    async def _publish(self, item: OutgoingMessage) -> None:
+        try:
+            await self.client.publish(
+                item.topic, item.payload, qos=1, retain=item.retain
+            )
+        except BaseException as err:
+            self.unacked.append(item)  # not acknowledged: send again later
+            if not isinstance(err, asyncio.CancelledError) and not self.failed.done():
+                self.failed.set_result(err)
+            raise
+        finally:
+            self.inflight -= 1
+            if self.owner._queue:
+                self.owner._queue_ready.set()
+        self.owner._acknowledged()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved; reported through `failed`
+
+    async def close(self) -> None:
+        """Cancel what is in flight and requeue everything unacknowledged."""
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        if self.unacked:
+            self.owner._requeue(self.unacked)
+            self.unacked = []

@@ -61,6 +61,17 @@ class StreamWriterLike(Protocol):
     def write(self, data: bytes) -> None:
         """Queue bytes for sending."""
 
+    def write_buffer_size(self) -> int:
+        """Bytes waiting in the transport's write buffer (1 if unknown or down)."""
+        writer = self._writer
+        transport = getattr(writer, "transport", None)
+        if transport is None or not self.ready:
+            return 1
+        try:
+            return int(transport.get_write_buffer_size())
+        except (AttributeError, NotImplementedError):
+            return 1
+
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark."""
 
@@ -397,6 +408,17 @@ class NodeLink:
             raise LinkNotReadyError(f"{self.name} is not connected")
         self._writer.write(encode_frame(message.SerializeToString()))
         self.stats.frames_tx += 1
+
+    def write_buffer_size(self) -> int:
+        """Bytes waiting in the transport's write buffer (1 if unknown or down)."""
+        writer = self._writer
+        transport = getattr(writer, "transport", None)
+        if transport is None or not self.ready:
+            return 1
+        try:
+            return int(transport.get_write_buffer_size())
+        except (AttributeError, NotImplementedError):
+            return 1
 
     async def drain(self) -> None:
         """Wait until the transport can take more data (flow control)."""

@@ -31,7 +31,13 @@ import time
 from meshtastic.protobuf import mesh_pb2
 
 from .broker import BrokerClient, BrokerState
-from .node_link import LinkState, NodeLink, NodeLinkListener, NodeSnapshot
+from .node_link import (
+    LinkNotReadyError,
+    LinkState,
+    NodeLink,
+    NodeLinkListener,
+    NodeSnapshot,
+)
 from .rules import (
     BrokerSettings,
     DownlinkDrop,
@@ -149,6 +155,7 @@ class MeshtasticProxy(NodeLinkListener):
         self._reconfigure = asyncio.Event()
         self._downlinks: deque[_Downlink] = deque()
         self._downlink_ready = asyncio.Event()
+        self._writing = False
         self._link_ready = asyncio.Event()
         self._broker_task: asyncio.Task[None] | None = None
         self._remove_listener = link.add_listener(self)
@@ -203,10 +210,15 @@ class MeshtasticProxy(NodeLinkListener):
             self._drop("downlink", reason)
             return
         queue = self._downlinks
+        item = _Downlink(topic, payload, retained, time.monotonic())
+        # Idle link: write now instead of waking the writer task.
+        idle = not queue and not self._writing and self.link.write_buffer_size() == 0
+        if idle and self._write(item):
+            return
         if len(queue) >= self.options.downlink_queue_size:
             queue.popleft()
             self._drop("downlink", DownlinkDrop.QUEUE_FULL)
-        queue.append(_Downlink(topic, payload, retained, time.monotonic()))
+        queue.append(item)
         self._downlink_ready.set()
 
     def _on_broker_state(self, state: BrokerState) -> None:
@@ -219,10 +231,6 @@ class MeshtasticProxy(NodeLinkListener):
             self.status = ProxyStatus.RUNNING
             self.error = None
         self._changed()
-
-    def _on_incoming_dropped(self) -> None:
-        # The broker delivered faster than the node link drains.
-        self._drop("downlink", DownlinkDrop.QUEUE_FULL)
 
     def _on_published(self, count: int) -> None:
         self.stats.uplink_messages += count
@@ -338,7 +346,6 @@ class MeshtasticProxy(NodeLinkListener):
                 on_message=self._on_broker_message,
                 on_state=self._on_broker_state,
                 on_published=self._on_published,
-                on_incoming_dropped=self._on_incoming_dropped,
                 queue_size=self.options.uplink_queue_size,
                 no_local=not self.options.forward_own_echoes,
             )
@@ -368,6 +375,22 @@ class MeshtasticProxy(NodeLinkListener):
             task.cancel()
             await asyncio.wait({task})
 
+    def _write(self, item: _Downlink) -> bool:
+        """Write one downlink to the node as ``data``; False if the link is down."""
+        message = mesh_pb2.ToRadio()
+        proxy = message.mqttClientProxyMessage
+        proxy.topic = item.topic
+        proxy.data = item.payload
+        proxy.retained = item.retained
+        try:
+            self.link.send(message)
+        except LinkNotReadyError:
+            return False
+        self.stats.downlink_messages += 1
+        self.stats.last_downlink = time.time()
+        self._changed()
+        return True
+
     async def _downlink_writer(self) -> None:
         """Write queued downlinks to the node, one at a time, paced by drain()."""
         queue = self._downlinks
@@ -384,23 +407,16 @@ class MeshtasticProxy(NodeLinkListener):
                     queue.popleft()
                     self._drop("downlink", DownlinkDrop.NODE_GONE)
                 continue
-            item = queue.popleft()
-            message = mesh_pb2.ToRadio()
-            proxy = message.mqttClientProxyMessage
-            proxy.topic = item.topic
-            proxy.data = item.payload
-            proxy.retained = item.retained
+            self._writing = True
             try:
-                self.link.send(message)
-            except Exception as err:
-                queue.appendleft(item)
-                _LOGGER.debug("downlink write deferred: %s", err)
-                self._link_ready.clear()
-                continue
-            self.stats.downlink_messages += 1
-            self.stats.last_downlink = time.time()
-            self._changed()
-            await self.link.drain()
+                item = queue.popleft()
+                if not self._write(item):
+                    queue.appendleft(item)  # link died between the checks
+                    self._link_ready.clear()
+                    continue
+                await self.link.drain()
+            finally:
+                self._writing = False
 
     def detach(self) -> None:
         """Stop listening to the link (``run`` does this when cancelled)."""
