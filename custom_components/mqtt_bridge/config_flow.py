@@ -204,6 +204,17 @@ async def _async_probe(data: Mapping[str, Any]) -> tuple[NodeSnapshot | None, st
     return snapshot, ""
 
 
+def _credential_fields(current: Mapping[str, Any]) -> dict[Any, Any]:
+    """Return the broker username/password fields; the password is never pre-filled."""
+    return {
+        vol.Optional(
+            CONF_BROKER_USERNAME,
+            description={"suggested_value": current.get(CONF_BROKER_USERNAME) or None},
+        ): str,
+        vol.Optional(CONF_BROKER_PASSWORD): _PASSWORD_SELECTOR,
+    }
+
+
 def _port_label(port: serialx.SerialPortInfo) -> str:
     """Return ``device - product, manufacturer, s/n serial`` with what is known."""
     details = [
@@ -514,13 +525,7 @@ class MqttBridgeConfigFlow(ConfigFlow, domain=DOMAIN):
                 return self.async_abort(reason="reauth_successful")
         schema = vol.Schema(
             {
-                vol.Optional(
-                    CONF_BROKER_USERNAME,
-                    description={
-                        "suggested_value": options.get(CONF_BROKER_USERNAME) or None
-                    },
-                ): str,
-                vol.Optional(CONF_BROKER_PASSWORD): _PASSWORD_SELECTOR,
+                **_credential_fields(options),
             }
         )
         return self.async_show_form(
@@ -646,13 +651,7 @@ class MqttBridgeOptionsFlow(OptionsFlow):
                 vol.Required(
                     CONF_BROKER_TLS, default=bool(defaults.get(CONF_BROKER_TLS, False))
                 ): BooleanSelector(),
-                vol.Optional(
-                    CONF_BROKER_USERNAME,
-                    description={
-                        "suggested_value": defaults.get(CONF_BROKER_USERNAME) or None
-                    },
-                ): str,
-                vol.Optional(CONF_BROKER_PASSWORD): _PASSWORD_SELECTOR,
+                **_credential_fields(defaults),
             }
         )
         return self.async_show_form(step_id="broker", data_schema=schema, errors=errors)

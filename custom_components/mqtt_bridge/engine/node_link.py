@@ -61,17 +61,6 @@ class StreamWriterLike(Protocol):
     def write(self, data: bytes) -> None:
         """Queue bytes for sending."""
 
-    def write_buffer_size(self) -> int:
-        """Bytes waiting in the transport's write buffer (1 if unknown or down)."""
-        writer = self._writer
-        transport = getattr(writer, "transport", None)
-        if transport is None or not self.ready:
-            return 1
-        try:
-            return int(transport.get_write_buffer_size())
-        except (AttributeError, NotImplementedError):
-            return 1
-
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark."""
 
