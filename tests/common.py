@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
+
+from homeassistant.core import HomeAssistant
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.mqtt_bridge.const import DOMAIN
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -11,3 +17,25 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)
+
+
+NODE_NUM = 0x1A2B3C4D  # devkit.meshsim.default_profile's node
+
+
+def add_node_entry(
+    hass: HomeAssistant,
+    port: int,
+    *,
+    title: str = "Sim Node",
+    options: dict[str, Any] | None = None,
+) -> MockConfigEntry:
+    """Add (not set up) the config entry of the simulated node on TCP ``port``."""
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=str(NODE_NUM),
+        title=title,
+        data={"connection": "tcp", "host": "127.0.0.1", "port": port},
+        options=options or {},
+    )
+    entry.add_to_hass(hass)
+    return entry

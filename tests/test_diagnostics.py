@@ -10,18 +10,15 @@ from google.protobuf.json_format import MessageToDict
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.redact import REDACTED
 import pytest
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 from pytest_homeassistant_custom_component.components.diagnostics import (
     get_diagnostics_for_config_entry,
 )
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
-from custom_components.mqtt_bridge.const import DOMAIN
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
-from tests.common import wait_for
+from tests.common import NODE_NUM, add_node_entry, wait_for
 
-NODE_NUM = 0x1A2B3C4D
 PSK = bytes(range(100, 116))
 SECOND_PSK = bytes(range(32))
 MQTT_USER = "meshuser"
@@ -59,11 +56,9 @@ async def test_diagnostics(
     hass: HomeAssistant, hass_client: ClientSessionGenerator, node: SimulatedNode
 ) -> None:
     """Diagnostics describe node, link and proxy, with secrets and positions redacted."""
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        unique_id=str(NODE_NUM),
-        title="Sim Node",
-        data={"connection": "tcp", "host": "127.0.0.1", "port": node.port},
+    entry = add_node_entry(
+        hass,
+        node.port,
         options={
             "broker_mode": "node",
             "broker_host": "broker.example.com",

@@ -41,9 +41,8 @@ from pytest_homeassistant_custom_component.common import (
 from custom_components.mqtt_bridge.const import DOMAIN, UPDATE_THROTTLE
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
-from tests.common import wait_for
+from tests.common import NODE_NUM, add_node_entry, wait_for
 
-NODE_NUM = 0x1A2B3C4D
 UNIQUE_ID = str(NODE_NUM)
 OTHER_NODE = 0x433E1F70  # "Alpine Hut" in the simulator's default node list
 UPLINK_TOPIC = "msh/2/e/LongFast/!1a2b3c4d"
@@ -104,13 +103,7 @@ async def setup_entry(
     title: str = "Sim Node",
 ) -> MockConfigEntry:
     """Set up an entry for ``node``, enabling the given disabled-by-default sensors."""
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        unique_id=UNIQUE_ID,
-        title=title,
-        data={"connection": "tcp", "host": "127.0.0.1", "port": node.port},
-    )
-    entry.add_to_hass(hass)
+    entry = add_node_entry(hass, node.port, title=title)
     registry = er.async_get(hass)
     for key in enable:
         registry.async_get_or_create(
@@ -443,13 +436,7 @@ async def test_node_settings_missing(
     )
     await sim.start_tcp()
     try:
-        entry = MockConfigEntry(
-            domain=DOMAIN,
-            unique_id=UNIQUE_ID,
-            title="Sim Node",
-            data={"connection": "tcp", "host": "127.0.0.1", "port": sim.port},
-        )
-        entry.add_to_hass(hass)
+        entry = add_node_entry(hass, sim.port)
         assert await hass.config_entries.async_setup(entry.entry_id)
         runtime = entry.runtime_data
         await wait_for(

@@ -9,6 +9,7 @@ simulator and real Mosquitto brokers.
 from __future__ import annotations
 
 from ipaddress import ip_address
+from typing import Any
 
 from homeassistant.config_entries import (
     SOURCE_REAUTH,
@@ -29,33 +30,20 @@ from custom_components.mqtt_bridge.const import (
     CONF_BROKER_PORT,
     CONF_BROKER_TLS,
     CONF_BROKER_USERNAME,
-    CONF_CONNECTION,
     CONF_FORWARD_OWN_ECHOES,
     CONF_FORWARD_RETAINED,
-    CONF_HOST,
     CONF_PORT,
     CONF_UPLINK_QUEUE_SIZE,
-    CONNECTION_TCP,
     DOMAIN,
 )
 from custom_components.mqtt_bridge.runtime import MeshtasticRuntime
 from devkit.meshsim import SimulatedNode
 from devkit.mosquitto import Mosquitto, free_port
-from tests.common import wait_for
-
-NODE_NUM = 0x1A2B3C4D
+from tests.common import add_node_entry, wait_for
 
 
-def _entry(hass: HomeAssistant, port: int, **options: object) -> MockConfigEntry:
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        title="Sim Node",
-        unique_id=str(NODE_NUM),
-        data={CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "127.0.0.1", CONF_PORT: port},
-        options=options,
-    )
-    entry.add_to_hass(hass)
-    return entry
+def _entry(hass: HomeAssistant, port: int, **options: Any) -> MockConfigEntry:
+    return add_node_entry(hass, port, options=options)
 
 
 def _running(entry: MockConfigEntry, old: MeshtasticRuntime | None = None) -> bool:

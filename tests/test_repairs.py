@@ -10,17 +10,11 @@ from custom_components.mqtt_bridge.const import DOMAIN
 from custom_components.mqtt_bridge.engine.proxy import ProxyStatus
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
-from tests.common import wait_for
+from tests.common import add_node_entry, wait_for
 
 
 async def _setup(hass: HomeAssistant, node: SimulatedNode) -> MockConfigEntry:
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        unique_id=str(0x1A2B3C4D),
-        title="Sim Node",
-        data={"connection": "tcp", "host": "127.0.0.1", "port": node.port},
-    )
-    entry.add_to_hass(hass)
+    entry = add_node_entry(hass, node.port)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await wait_for(lambda: entry.runtime_data.available)
     return entry

@@ -17,9 +17,8 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 from custom_components.mqtt_bridge.const import DOMAIN
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto, free_port
-from tests.common import wait_for
+from tests.common import add_node_entry, wait_for
 
-NODE_NUM = 0x1A2B3C4D
 OTHER_NODE = 0x433E1F70
 BROADCAST = 0xFFFFFFFF
 
@@ -43,13 +42,7 @@ async def node(mosquitto: Mosquitto) -> AsyncIterator[SimulatedNode]:
 
 async def setup_entry(hass: HomeAssistant, port: int) -> MockConfigEntry:
     """Set up an entry for a node on ``port`` (it may not be listening)."""
-    entry = MockConfigEntry(
-        domain=DOMAIN,
-        unique_id=str(NODE_NUM),
-        title="Sim Node",
-        data={"connection": "tcp", "host": "127.0.0.1", "port": port},
-    )
-    entry.add_to_hass(hass)
+    entry = add_node_entry(hass, port)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     return entry
