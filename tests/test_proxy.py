@@ -817,3 +817,29 @@ async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
         everything = set(before.payloads()) | set(delivered)
         missing = [p for p in sent if p not in everything]
         assert len(missing) <= run.proxy.broker.inflight
+
+
+def test_requeue_overflow_is_counted_and_keeps_order() -> None:
+    """Unacknowledged messages put back into a full queue drop (and count) the oldest."""
+    from custom_components.mqtt_bridge.engine.broker import (
+        BrokerClient,
+        OutgoingMessage,
+    )
+    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+
+    dropped: list[int] = []
+    client = BrokerClient(
+        BrokerSettings("127.0.0.1", 1883, False, None, None, "msh"),
+        client_id="requeue-test",
+        on_message=lambda *_: None,
+        on_dropped=dropped.append,
+        queue_size=3,
+    )
+    client._seq = 3  # messages 1-3 were published earlier and are in flight
+    for n in (4, 5):
+        client.publish("t", b"%d" % n)  # no session: both wait in the queue
+    in_flight = [OutgoingMessage("t", b"%d" % n, False, n) for n in (3, 1, 2)]
+    client._requeue(in_flight)
+    assert [m.payload for m in client._queue] == [b"3", b"4", b"5"]
+    assert dropped == [2]
+    assert client.stats.dropped == 2

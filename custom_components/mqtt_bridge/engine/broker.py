@@ -131,6 +131,7 @@ class BrokerClient:
         on_message: Callable[[str, bytes, bool], None],
         on_state: Callable[[BrokerState], None] | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
         queue_size: int = 1000,
         keepalive: int = 60,
         inflight: int = 20,
@@ -152,6 +153,7 @@ class BrokerClient:
         self._on_message = on_message
         self._on_state = on_state
         self._on_published = on_published
+        self._on_dropped = on_dropped
         self._session: _PublishSession | None = None
         self._seq = 0
         self._tls_context = tls_context
@@ -166,7 +168,7 @@ class BrokerClient:
 
     @property
     def queue_depth(self) -> int:
-        """Messages waiting to be published (not yet sent or not acknowledged)."""
+        """Messages waiting to be sent (the in-flight window is not counted)."""
         return len(self._queue)
 
     @property
@@ -179,30 +181,37 @@ class BrokerClient:
         """The topic filters the broker has granted on the current session."""
         return frozenset(self._active)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
-        """Publish at QoS 1 or queue; return how many old messages were dropped (0 or 1).
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish at QoS 1 now, or queue the message; never blocks.
 
-        Never blocks. With a live session, no backlog and room in the in-flight
-        window the PUBLISH is written at once; otherwise the message waits in
-        the queue, which drops its oldest message when full (counted in
-        ``stats.dropped``, drop-oldest as the firmware's own queues).
+        With a live session, no backlog and room in the in-flight window the
+        PUBLISH is written at once; otherwise the message waits in the queue,
+        which drops its oldest message when full (drop-oldest, as the
+        firmware's own queues; counted, see :meth:`_trim_queue`).
         """
         self._seq += 1
         item = OutgoingMessage(topic, payload, retain, self._seq)
         session = self._session
         if session is not None and not self._queue and session.try_start(item):
-            return 0
+            return
         self._queue.append(item)
         self._queue_ready.set()
-        return self._trim_queue()
+        self._trim_queue()
 
-    def _trim_queue(self) -> int:
+    def _trim_queue(self) -> None:
+        """Drop the oldest messages beyond ``queue_size``.
+
+        Counted in ``stats.dropped`` and reported to ``on_dropped(n)``, whether
+        a new message or re-queued unacknowledged ones overflowed the queue.
+        """
         dropped = 0
         while len(self._queue) > self.queue_size:
             self._queue.popleft()
             dropped += 1
-        self.stats.dropped += dropped
-        return dropped
+        if dropped:
+            self.stats.dropped += dropped
+            if self._on_dropped is not None:
+                self._on_dropped(dropped)
 
     def _requeue(self, items: list[OutgoingMessage]) -> None:
         """Put unacknowledged messages back at the front, in their original order."""
@@ -222,8 +231,7 @@ class BrokerClient:
         if settings != self.settings:
             self._tls_context = None
         self.settings = settings
-        self.backoff.reset()
-        self._restart.set()
+        self.reconnect_now()
 
     def reconnect_now(self) -> None:
         """Skip the current backoff delay (or drop the session) and connect again."""

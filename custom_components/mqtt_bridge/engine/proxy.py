@@ -190,10 +190,8 @@ class MeshtasticProxy(NodeLinkListener):
         if broker is None:
             self._drop("uplink", "proxy_not_running")
             return
-        if broker.publish(message.topic, payload, retain=message.retained):
-            self._drop("uplink", UplinkDrop.QUEUE_FULL)
-        else:
-            self._changed()
+        broker.publish(message.topic, payload, retain=message.retained)
+        self._changed()
 
     # -- broker callbacks --------------------------------------------------------
 
@@ -232,6 +230,9 @@ class MeshtasticProxy(NodeLinkListener):
             self.error = None
         self._changed()
 
+    def _on_uplinks_dropped(self, count: int) -> None:
+        self._drop("uplink", UplinkDrop.QUEUE_FULL, count)
+
     def _on_published(self, count: int) -> None:
         self.stats.uplink_messages += count
         self.stats.last_uplink = time.time()
@@ -264,8 +265,8 @@ class MeshtasticProxy(NodeLinkListener):
         """Topic filters the broker has granted (SUBACK received)."""
         return self.broker.active_subscriptions if self.broker else frozenset()
 
-    def _drop(self, direction: str, reason: str) -> None:
-        self.stats.dropped[f"{direction}_{reason}"] += 1
+    def _drop(self, direction: str, reason: str, count: int = 1) -> None:
+        self.stats.dropped[f"{direction}_{reason}"] += count
         self._changed()
 
     def _changed(self) -> None:
@@ -346,6 +347,7 @@ class MeshtasticProxy(NodeLinkListener):
                 on_message=self._on_broker_message,
                 on_state=self._on_broker_state,
                 on_published=self._on_published,
+                on_dropped=self._on_uplinks_dropped,
                 queue_size=self.options.uplink_queue_size,
                 no_local=not self.options.forward_own_echoes,
             )
