@@ -683,8 +683,7 @@ class NodeLink:
                 raise LinkError(reason)
             if self._writer is None or self._writer.is_closing():
                 return
-            self._writer.write(encode_frame(heartbeat.SerializeToString()))
-            self.stats.frames_tx += 1
+            self.send(heartbeat)
 
     def _log_text(self, data: bytes) -> None:
         if _LOGGER.isEnabledFor(logging.DEBUG):
