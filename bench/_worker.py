@@ -8,7 +8,7 @@ loop, as Home Assistant would. Control is line-based:
 * stdout: one JSON object per line: ``{"event": "ready", ...}`` once the link
   is live and the broker session is up, then one answer per command;
 * stdin: ``stats`` (answer: counters and queue depths), ``debug`` (sizes of
-  aiomqtt/paho buffers, found with ``gc``), ``quit`` (or EOF):
+  paho buffers), ``quit`` (or EOF):
   stop the engine, write the profile if asked, exit 0.
 
 ``--profile FILE`` writes a cProfile dump timed with ``time.process_time`` (CPU
@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import gc
 import json
 import logging
 from pathlib import Path
@@ -51,8 +50,8 @@ def _load_engine_packages() -> None:
 
 _load_engine_packages()
 
+from custom_components.mqtt_bridge.engine.backoff import Backoff  # noqa: E402
 from custom_components.mqtt_bridge.engine.node_link import (  # noqa: E402
-    Backoff,
     LinkState,
     NodeLink,
     tcp_connector,
@@ -71,7 +70,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 def _stats(link: NodeLink, proxy: MeshtasticProxy) -> dict[str, Any]:
     """Counters the bench uses to explain losses."""
-    broker = proxy.broker
+    client = proxy.client
     return {
         "event": "stats",
         "link_state": str(link.state),
@@ -81,26 +80,22 @@ def _stats(link: NodeLink, proxy: MeshtasticProxy) -> dict[str, Any]:
         "dropped": dict(proxy.stats.dropped),
         "uplink_queue": proxy.uplink_queue_depth,
         "downlink_queue": proxy.downlink_queue_depth,
-        "broker_published": broker.stats.published if broker else 0,
-        "broker_received": broker.stats.received if broker else 0,
-        "broker_dropped": broker.stats.dropped if broker else 0,
+        "broker_published": client.stats.published if client else 0,
+        "broker_received": client.stats.received if client else 0,
+        "broker_dropped": proxy.stats.dropped.get("uplink_queue_full", 0),
         "frames_rx": link.stats.frames_rx,
         "frames_tx": link.stats.frames_tx,
         "link_failures": link.stats.failures,
-        "broker_failures": broker.stats.failures if broker else 0,
+        "broker_failures": client.stats.failures if client else 0,
     }
 
 
-def _debug() -> dict[str, Any]:
-    """Sizes of the library-level buffers the engine does not bound itself."""
-    import aiomqtt
-
-    clients = [o for o in gc.get_objects() if isinstance(o, aiomqtt.Client)]
+def _debug(proxy: MeshtasticProxy) -> dict[str, Any]:
+    """Sizes of the buffers the engine does not bound itself (paho's)."""
     out: dict[str, Any] = {"event": "debug", "tasks": len(asyncio.all_tasks())}
-    for client in clients:
-        paho = client._client
-        out["aiomqtt_incoming_queue"] = client._queue.qsize()
-        out["aiomqtt_pending_publishes"] = len(client._pending_publishes)
+    connection = proxy.client._connection if proxy.client else None
+    if connection is not None:
+        paho = connection.paho
         out["paho_out_packets"] = len(paho._out_packet)
         out["paho_out_messages"] = len(paho._out_messages)
         out["paho_in_messages"] = len(paho._in_messages)
@@ -159,7 +154,7 @@ async def main(node_port: int) -> None:
             if line == "stats":
                 _emit(_stats(link, proxy))
             elif line == "debug":
-                _emit(_debug())
+                _emit(_debug(proxy))
             else:
                 _emit({"event": "error", "message": f"unknown command {line!r}"})
     finally:

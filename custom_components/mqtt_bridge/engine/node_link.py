@@ -30,7 +30,9 @@ import socket
 import time
 from typing import Any, Protocol
 
+from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from meshtastic.protobuf import (
     channel_pb2,
     config_pb2,
@@ -41,6 +43,7 @@ from meshtastic.protobuf import (
     telemetry_pb2,
 )
 
+from .backoff import Backoff
 from .rules import node_id
 from .stream import WAKE_BYTES, FrameDecoder, encode_frame
 
@@ -182,7 +185,7 @@ class NodeSnapshot:
         if not model:
             return None
         try:
-            return mesh_pb2.HardwareModel.Name(model)
+            return mesh_pb2.HardwareModel.Name(mesh_pb2.HardwareModel.ValueType(model))
         except ValueError:
             return str(model)
 
@@ -254,6 +257,43 @@ def apply_from_radio(snapshot: NodeSnapshot, msg: mesh_pb2.FromRadio) -> bool:
     return True
 
 
+_FROM_RADIO_PROXY_FIELD = mesh_pb2.FromRadio.DESCRIPTOR.fields_by_name[
+    "mqttClientProxyMessage"
+].number
+_PROXY_TOPIC_FIELD = mesh_pb2.MqttClientProxyMessage.DESCRIPTOR.fields_by_name[
+    "topic"
+].number
+
+
+def undecodable_proxy_topic(payload: bytes) -> bytes | None:
+    """Return the raw topic if an undecodable ``FromRadio`` is an MQTT proxy uplink.
+
+    protobuf refuses a whole ``FromRadio`` whose ``string`` field holds invalid
+    UTF-8 (e.g. a channel name the firmware copied byte for byte). Parsed as
+    an empty message, every field stays an unknown field with its raw bytes,
+    so the uplink can still be recognised and counted. Returns ``None`` for
+    anything else (including garbage).
+    """
+    outer = empty_pb2.Empty()
+    try:
+        outer.ParseFromString(payload)
+        for field_ in UnknownFieldSet(outer):
+            if field_.field_number == _FROM_RADIO_PROXY_FIELD and isinstance(
+                field_.data, bytes
+            ):
+                inner = empty_pb2.Empty()
+                inner.ParseFromString(field_.data)
+                for item in UnknownFieldSet(inner):
+                    if item.field_number == _PROXY_TOPIC_FIELD and isinstance(
+                        item.data, bytes
+                    ):
+                        return item.data
+                return b""
+    except (DecodeError, RuntimeWarning):
+        return None
+    return None
+
+
 class NodeLinkListener:
     """Receives :class:`NodeLink` events; override what you need.
 
@@ -275,6 +315,12 @@ class NodeLinkListener:
     def on_proxy_message(self, message: mesh_pb2.MqttClientProxyMessage) -> None:
         """The node handed over an MQTT uplink (``mqttClientProxyMessage``)."""
 
+    def on_invalid_proxy_message(self, topic: bytes) -> None:
+        """An uplink that cannot be decoded (its topic is not UTF-8) was lost.
+
+        ``topic`` is the raw topic bytes, for logs.
+        """
+
     def on_telemetry(self, metrics: telemetry_pb2.DeviceMetrics) -> None:
         """The node reported its own device metrics (handshake or telemetry packet)."""
 
@@ -292,26 +338,6 @@ class LinkStats:
     garbage_bytes: int = 0
     oversize_frames: int = 0
     last_error: str | None = None
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Exponential backoff with full jitter: ``min(cap, base * 2**n) * U(0.5, 1)``."""
-
-    base: float = 1.0
-    cap: float = 60.0
-    rng: random.Random = field(default_factory=random.Random)
-    attempt: int = 0
-
-    def next_delay(self) -> float:
-        """Return the next delay in seconds and count the attempt."""
-        delay = min(self.cap, self.base * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay * self.rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        """Start again from ``base`` after a success."""
-        self.attempt = 0
 
 
 class NodeLink:
@@ -579,6 +605,9 @@ class NodeLink:
             _LOGGER.debug(
                 "%s: undecodable FromRadio (%d bytes)", self.name, len(payload)
             )
+            topic = undecodable_proxy_topic(payload)
+            if topic is not None and self.snapshot is not None:
+                self._emit("on_invalid_proxy_message", topic)
             return None
         return message
 
@@ -718,8 +747,9 @@ async def probe_node(connector: Connector, timeout: float = 20.0) -> NodeSnapsho
     session = asyncio.create_task(link._session(reader))
     try:
         remaining = max(0.1, timeout - (time.monotonic() - started))
+        waiting: set[asyncio.Future[Any]] = {session, ready}
         done, _ = await asyncio.wait(
-            {session, ready}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
         )
         if ready.done():
             with contextlib.suppress(LinkError, OSError):

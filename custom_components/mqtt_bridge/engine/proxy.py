@@ -4,17 +4,21 @@
 completed handshake it checks the node's MQTT settings (``mqtt.enabled`` and
 ``proxy_to_client_enabled`` must be on), works out the broker and the
 subscriptions as the firmware and the apps do (:mod:`.rules`), and keeps one
-:class:`~.broker.BrokerClient` for them. Uplinks (node -> broker) are published
-at QoS 1 with the node's ``retained`` flag and queued, bounded and drop-oldest,
-while the broker is away. Downlinks (broker -> node) are checked against the
+:class:`~.mqtt_client.MqttClient` for them. Uplinks (node -> broker) are
+published at QoS 1 with the node's ``retained`` flag through a
+:class:`~.publish_queue.PublishQueue` (bounded, drop-oldest while the broker is
+away; a message that keeps the broker dropping the connection is dropped). Downlinks (broker -> node) are checked against the
 firmware's limits, queued (bounded, drop-oldest, at most ``downlink_max_age``
 seconds old) and written as ``data`` one at a time, each after the transport has
 drained, and only while the link is live (after ``config_complete_id``).
 
 Every message that is not forwarded is counted by reason in
 :attr:`ProxyStats.dropped`. The broker session survives node reconnects and the
-node link survives broker outages. This module imports nothing from Home
-Assistant.
+node link survives broker outages. Channels whose names cannot be topic levels
+are skipped (and reported) while the others keep working. The broker client and
+the downlink writer run supervised (:mod:`.supervisor`): a failure is logged,
+shown as status ``task_failed`` and the task restarted. This module imports
+nothing from Home Assistant.
 """
 
 from __future__ import annotations
@@ -22,15 +26,15 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
-import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 import enum
 import logging
 import time
+from typing import Any
 
 from meshtastic.protobuf import mesh_pb2
 
-from .broker import BrokerClient, BrokerState
+from .mqtt_client import ClientState, Message, MqttClient, MqttSettings
 from .node_link import (
     LinkNotReadyError,
     LinkState,
@@ -38,12 +42,12 @@ from .node_link import (
     NodeLinkListener,
     NodeSnapshot,
 )
+from .publish_queue import DropReason, PublishQueue
 from .rules import (
-    BrokerSettings,
     DownlinkDrop,
     InvalidAddressError,
+    NodeBroker,
     ProxyRequirement,
-    UplinkDrop,
     broker_from_node,
     check_downlink,
     make_client_id,
@@ -51,6 +55,9 @@ from .rules import (
     subscription_filters,
     uplink_payload,
 )
+from .subscriptions import SubscribeOptions, Subscription
+from .supervisor import TaskHealth, supervise
+from .topics import TopicProblem
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -98,6 +105,7 @@ class ProxyStatus(enum.StrEnum):
     INVALID_BROKER_ADDRESS = "invalid_broker_address"
     RUNNING = "running"
     BROKER_AUTH_FAILED = "broker_auth_failed"
+    TASK_FAILED = "task_failed"
 
 
 @dataclass(slots=True)
@@ -127,9 +135,9 @@ class _Downlink:
 class MeshtasticProxy(NodeLinkListener):
     """Forwards a node's MQTT client proxy traffic to and from a broker.
 
-    Attach with :meth:`attach` (or ``link.add_listener``) and run :meth:`run` as
-    a task next to ``link.run()``. ``on_change()`` is called after any change of
-    status or counters (callers rate-limit their own reactions).
+    Run :meth:`run` as a task next to ``link.run()``; the proxy registers itself
+    as a listener of ``link`` when created. ``on_change()`` is called after any
+    change of status or counters (callers rate-limit their own reactions).
     """
 
     def __init__(
@@ -142,23 +150,43 @@ class MeshtasticProxy(NodeLinkListener):
         """Create a proxy for ``link``; it registers itself as a link listener."""
         self.link = link
         self.options = options or ProxyOptions()
-        self.status = ProxyStatus.WAITING_FOR_NODE
         self.missing_settings: list[ProxyRequirement] = []
-        self.broker: BrokerClient | None = None
-        self.broker_settings: BrokerSettings | None = None
+        self.client: MqttClient | None = None
+        self.uplinks: PublishQueue | None = None
+        self.broker: NodeBroker | None = None
         self.gateway_id: str | None = None
         self.stats = ProxyStats()
-        self.error: str | None = None
+        self.invalid_channels: dict[str, TopicProblem] = {}
+        self.health = TaskHealth(self._changed)
+        self._status = ProxyStatus.WAITING_FOR_NODE
+        self._error: str | None = None
         self._on_change = on_change
         self._snapshot: NodeSnapshot | None = None
         self._config_key: bytes | None = None
         self._reconfigure = asyncio.Event()
+        self._subscriptions: dict[str, Subscription] = {}
         self._downlinks: deque[_Downlink] = deque()
         self._downlink_ready = asyncio.Event()
         self._writing = False
         self._link_ready = asyncio.Event()
-        self._broker_task: asyncio.Task[None] | None = None
-        self._remove_listener = link.add_listener(self)
+        self._client_task: asyncio.Task[None] | None = None
+        self._remove_listener: Callable[[], None] | None = link.add_listener(self)
+
+    # -- status ------------------------------------------------------------------
+
+    @property
+    def status(self) -> ProxyStatus:
+        """What the proxy is doing; ``task_failed`` while a failed task restarts."""
+        if self.health.restarting:
+            return ProxyStatus.TASK_FAILED
+        return self._status
+
+    @property
+    def error(self) -> str | None:
+        """Why the proxy is not running normally, or ``None``."""
+        if self.health.restarting:
+            return self.health.last_error
+        return self._error
 
     # -- NodeLinkListener --------------------------------------------------------
 
@@ -186,16 +214,24 @@ class MeshtasticProxy(NodeLinkListener):
         if reason is not None:
             self._drop("uplink", reason)
             return
-        broker = self.broker
-        if broker is None:
+        uplinks = self.uplinks
+        if uplinks is None:
             self._drop("uplink", "proxy_not_running")
             return
-        broker.publish(message.topic, payload, retain=message.retained)
+        uplinks.put(message.topic, payload, retain=message.retained)
         self._changed()
+
+    def on_invalid_proxy_message(self, topic: bytes) -> None:
+        """Count an uplink the link could not decode (its topic is not UTF-8)."""
+        _LOGGER.debug(
+            "%s: uplink with undecodable topic %r lost", self.link.name, topic
+        )
+        self._drop("uplink", DropReason.INVALID_TOPIC)
 
     # -- broker callbacks --------------------------------------------------------
 
-    def _on_broker_message(self, topic: str, payload: bytes, retained: bool) -> None:
+    def _on_broker_message(self, message: Message) -> None:
+        topic, payload, retained = message.topic, message.payload, message.retain
         reason = check_downlink(
             topic,
             payload,
@@ -219,19 +255,19 @@ class MeshtasticProxy(NodeLinkListener):
         queue.append(item)
         self._downlink_ready.set()
 
-    def _on_broker_state(self, state: BrokerState) -> None:
-        if state is BrokerState.AUTH_FAILED:
-            self.status = ProxyStatus.BROKER_AUTH_FAILED
-            self.error = self.broker.stats.last_error if self.broker else None
-        elif state is BrokerState.CONNECTED and (
-            self.status is ProxyStatus.BROKER_AUTH_FAILED
+    def _on_client_state(self, state: ClientState) -> None:
+        if state is ClientState.AUTH_FAILED:
+            self._status = ProxyStatus.BROKER_AUTH_FAILED
+            self._error = self.client.stats.last_error if self.client else None
+        elif state is ClientState.CONNECTED and (
+            self._status is ProxyStatus.BROKER_AUTH_FAILED
         ):
-            self.status = ProxyStatus.RUNNING
-            self.error = None
+            self._status = ProxyStatus.RUNNING
+            self._error = None
         self._changed()
 
-    def _on_uplinks_dropped(self, count: int) -> None:
-        self._drop("uplink", UplinkDrop.QUEUE_FULL, count)
+    def _on_uplinks_dropped(self, reason: DropReason, count: int) -> None:
+        self._drop("uplink", reason, count)
 
     def _on_published(self, count: int) -> None:
         self.stats.uplink_messages += count
@@ -243,7 +279,7 @@ class MeshtasticProxy(NodeLinkListener):
     @property
     def uplink_queue_depth(self) -> int:
         """Uplinks waiting for the broker."""
-        return self.broker.queue_depth if self.broker else 0
+        return self.uplinks.depth if self.uplinks else 0
 
     @property
     def downlink_queue_depth(self) -> int:
@@ -253,17 +289,81 @@ class MeshtasticProxy(NodeLinkListener):
     @property
     def broker_connected(self) -> bool:
         """Whether the broker session is up."""
-        return self.broker is not None and self.broker.state is BrokerState.CONNECTED
+        return self.client is not None and self.client.connected
+
+    @property
+    def broker_settings(self) -> MqttSettings | None:
+        """The broker in use (node settings or the override), ``None`` if none."""
+        return self.broker.settings if self.broker else None
 
     @property
     def subscriptions(self) -> frozenset[str]:
         """Topic filters currently wanted on the broker."""
-        return self.broker.subscriptions if self.broker else frozenset()
+        return frozenset(self._subscriptions)
 
     @property
     def active_subscriptions(self) -> frozenset[str]:
         """Topic filters the broker has granted (SUBACK received)."""
-        return self.broker.active_subscriptions if self.broker else frozenset()
+        if self.client is None:
+            return frozenset()
+        return self.client.registry.granted & self.subscriptions
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Return the proxy's state as JSON-serialisable data.
+
+        Shape: ``status``, ``error``, ``missing_settings``, ``gateway_id``,
+        ``broker`` (settings without the password, ``root``), ``client``
+        (``state``, ``protocol``, ``stats``, ``registry`` stats), ``subscriptions``
+        (wanted, granted, refused), ``invalid_channels`` (name -> problem),
+        queue depths, ``stats`` and ``task_failures``. Callers redact
+        ``username``.
+        """
+        broker = self.broker
+        client = self.client
+        return {
+            "status": self.status.value,
+            "error": self.error,
+            "missing_settings": [str(item) for item in self.missing_settings],
+            "gateway_id": self.gateway_id,
+            "broker": (
+                {
+                    "host": broker.settings.host,
+                    "port": broker.settings.port,
+                    "tls": broker.settings.tls,
+                    "verify_tls": broker.settings.verify_tls,
+                    "username": broker.settings.username,
+                    "root": broker.root,
+                }
+                if broker
+                else None
+            ),
+            "client": (
+                {
+                    "state": client.state.value,
+                    "protocol": "5" if client.protocol == 5 else "3.1.1",
+                    "stats": asdict(client.stats),
+                    "registry": asdict(client.registry.stats),
+                }
+                if client
+                else None
+            ),
+            "subscriptions": sorted(self.subscriptions),
+            "granted_subscriptions": sorted(self.active_subscriptions),
+            "refused_subscriptions": client.registry.refused() if client else {},
+            "invalid_channels": {k: str(v) for k, v in self.invalid_channels.items()},
+            "uplink_queue_depth": self.uplink_queue_depth,
+            "uplinks_in_flight": self.uplinks.in_flight if self.uplinks else 0,
+            "downlink_queue_depth": self.downlink_queue_depth,
+            "stats": {
+                "uplink_messages": self.stats.uplink_messages,
+                "downlink_messages": self.stats.downlink_messages,
+                "dropped_total": self.stats.dropped_total,
+                "dropped": dict(self.stats.dropped),
+                "last_uplink": self.stats.last_uplink,
+                "last_downlink": self.stats.last_downlink,
+            },
+            "task_failures": self.health.as_dict(),
+        }
 
     def _drop(self, direction: str, reason: str, count: int = 1) -> None:
         self.stats.dropped[f"{direction}_{reason}"] += count
@@ -280,102 +380,142 @@ class MeshtasticProxy(NodeLinkListener):
 
     async def run(self) -> None:
         """Serve until cancelled: apply node settings, run broker and downlink writer."""
-        writer = asyncio.create_task(self._downlink_writer(), name="proxy downlinks")
+        if self._remove_listener is None:  # started again after a failure
+            self._remove_listener = self.link.add_listener(self)
+            self._config_key = None
+        writer = asyncio.create_task(
+            supervise("downlink writer", self._downlink_writer, self.health),
+            name="proxy downlinks",
+        )
         try:
             if self.link.snapshot is not None and self._snapshot is None:
                 self._snapshot = self.link.snapshot
+            if self._snapshot is not None:
                 self._reconfigure.set()
             while True:
                 await self._reconfigure.wait()
                 self._reconfigure.clear()
                 if self._snapshot is not None:
-                    await self._apply(self._snapshot)
+                    self._apply(self._snapshot)
         finally:
-            self._remove_listener()
+            if self._remove_listener is not None:
+                self._remove_listener()
+                self._remove_listener = None
             writer.cancel()
             tasks = {writer}
-            if self._broker_task is not None:
-                self._broker_task.cancel()
-                tasks.add(self._broker_task)
+            if (task := self._stop_client()) is not None:
+                tasks.add(task)
             await asyncio.wait(tasks)
 
-    def _resolve_broker(self, snapshot: NodeSnapshot) -> BrokerSettings:
+    def _resolve_broker(self, snapshot: NodeSnapshot) -> NodeBroker:
         override = self.options.broker_override
-        node_settings = broker_from_node(
+        node_broker = broker_from_node(
             snapshot.mqtt, verify_tls=self.options.verify_tls
         )
         if override is None:
-            return node_settings
-        return replace(
-            node_settings,
-            host=override.host,
-            port=override.port,
-            tls=override.tls,
-            username=override.username,
-            password=override.password,
+            return node_broker
+        return NodeBroker(
+            MqttSettings(
+                override.host,
+                override.port,
+                tls=override.tls,
+                verify_tls=self.options.verify_tls,
+                username=override.username,
+                password=override.password,
+            ),
+            node_broker.root,
         )
 
-    async def _apply(self, snapshot: NodeSnapshot) -> None:
+    def _apply(self, snapshot: NodeSnapshot) -> None:
         key = snapshot.proxy_key()
-        if key == self._config_key and self.status is not ProxyStatus.WAITING_FOR_NODE:
+        if key == self._config_key and self._status is not ProxyStatus.WAITING_FOR_NODE:
             return
         self._config_key = key
         self.gateway_id = snapshot.node_id
         self.missing_settings = missing_proxy_settings(snapshot.mqtt)
         if self.missing_settings:
-            self.status = ProxyStatus.NODE_SETTINGS_MISSING
-            self.error = "node setting missing: " + ", ".join(self.missing_settings)
-            _LOGGER.warning("%s: proxy not started, %s", self.link.name, self.error)
-            await self._stop_broker()
-            self._changed()
+            self._stopped(
+                ProxyStatus.NODE_SETTINGS_MISSING,
+                "node setting missing: " + ", ".join(self.missing_settings),
+            )
             return
         try:
-            settings = self._resolve_broker(snapshot)
+            broker = self._resolve_broker(snapshot)
         except InvalidAddressError as err:
-            self.status = ProxyStatus.INVALID_BROKER_ADDRESS
-            self.error = str(err)
-            _LOGGER.warning("%s: %s", self.link.name, err)
-            await self._stop_broker()
-            self._changed()
+            self._stopped(ProxyStatus.INVALID_BROKER_ADDRESS, str(err))
             return
-        filters = subscription_filters(settings.root, snapshot.channels, snapshot.lora)
-        self.broker_settings = settings
-        if self.broker is None:
-            self.broker = BrokerClient(
-                settings,
-                client_id=make_client_id(snapshot.node_id),
-                on_message=self._on_broker_message,
-                on_state=self._on_broker_state,
+        plan = subscription_filters(broker.root, snapshot.channels, snapshot.lora)
+        if plan.invalid != self.invalid_channels:
+            for name, problem in plan.invalid.items():
+                _LOGGER.warning(
+                    "%s: channel %r cannot be subscribed (%s); the other channels "
+                    "are proxied",
+                    self.link.name,
+                    name,
+                    problem,
+                )
+            self.invalid_channels = plan.invalid
+        self.broker = broker
+        client = self.client
+        if client is None:
+            client = self.client = MqttClient(
+                broker.settings, client_id=make_client_id(snapshot.node_id)
+            )
+            client.add_state_listener(self._on_client_state)
+            self.uplinks = PublishQueue(
+                client,
+                size=self.options.uplink_queue_size,
                 on_published=self._on_published,
                 on_dropped=self._on_uplinks_dropped,
-                queue_size=self.options.uplink_queue_size,
-                no_local=not self.options.forward_own_echoes,
             )
-            self._broker_task = asyncio.create_task(
-                self.broker.run(), name="proxy broker"
+            self._client_task = asyncio.create_task(
+                supervise("broker client", client.run, self.health),
+                name="proxy broker",
             )
-        elif settings != self.broker.settings:
-            self.broker.update_settings(settings)
-        self.broker.set_subscriptions(filters)
-        if self.status is not ProxyStatus.BROKER_AUTH_FAILED or (
-            self.broker.state is not BrokerState.AUTH_FAILED
+        elif broker.settings != client.settings:
+            client.update_settings(broker.settings)
+        self._set_subscriptions(client, plan.filters)
+        if self._status is not ProxyStatus.BROKER_AUTH_FAILED or (
+            client.state is not ClientState.AUTH_FAILED
         ):
-            self.status = ProxyStatus.RUNNING
-            self.error = None
+            self._status = ProxyStatus.RUNNING
+            self._error = None
         _LOGGER.info(
             "%s: proxy to %s, subscribed to %s",
             self.link.name,
-            settings.describe(),
-            ", ".join(filters) or "nothing (no channel has downlink)",
+            broker.settings.describe(),
+            ", ".join(plan.filters) or "nothing (no channel has downlink)",
         )
         self._changed()
 
-    async def _stop_broker(self) -> None:
-        task, self._broker_task = self._broker_task, None
-        self.broker = None
+    def _set_subscriptions(self, client: MqttClient, filters: list[str]) -> None:
+        wanted = set(filters)
+        for topic_filter in set(self._subscriptions) - wanted:
+            self._subscriptions.pop(topic_filter).cancel()
+        options = SubscribeOptions(qos=1, no_local=not self.options.forward_own_echoes)
+        for topic_filter in sorted(wanted - set(self._subscriptions)):
+            self._subscriptions[topic_filter] = client.subscribe(
+                topic_filter, self._on_broker_message, options
+            )
+
+    def _stopped(self, status: ProxyStatus, error: str) -> None:
+        """Stop forwarding for a reason the user must fix on the node."""
+        self._status = status
+        self._error = error
+        _LOGGER.warning("%s: proxy not started, %s", self.link.name, error)
+        self._stop_client()
+        self._changed()
+
+    def _stop_client(self) -> asyncio.Task[None] | None:
+        """Cancel the broker client task (returned, to be awaited) and forget it."""
+        task, self._client_task = self._client_task, None
+        if self.uplinks is not None:
+            self.uplinks.close()
+        self.client = self.uplinks = self.broker = None
+        self._subscriptions.clear()
         if task is not None:
             task.cancel()
-            await asyncio.wait({task})
+        return task
 
     def _write(self, item: _Downlink) -> bool:
         """Write one downlink to the node as ``data``; False if the link is down."""
@@ -419,8 +559,3 @@ class MeshtasticProxy(NodeLinkListener):
                 await self.link.drain()
             finally:
                 self._writing = False
-
-    def detach(self) -> None:
-        """Stop listening to the link (``run`` does this when cancelled)."""
-        with contextlib.suppress(Exception):
-            self._remove_listener()

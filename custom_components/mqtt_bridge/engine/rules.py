@@ -9,6 +9,9 @@ message; nothing does I/O. The rules and their sources:
   ``MQTTRepositoryImpl`` and Apple ``MqttClientProxyManager`` endpoint rules.
 * Subscriptions: ``{root}/2/e/{channel}/+`` per downlink channel plus
   ``{root}/2/e/PKI/+`` when any channel has downlink (firmware ``MQTT.cpp``).
+  Channel names are free text in the apps: a name or root that is not a valid
+  literal topic level (``+``, ``#``, control characters; MQTT §4.7) is skipped
+  instead of subscribed, so ``+`` never turns into a wildcard.
 * Proxy limits: ``MqttClientProxyMessage.topic`` ``char[60]`` (59 bytes) and
   ``data`` ``bytes[435]`` (``mesh.pb.h``); an oversize ToRadio is dropped whole.
 
@@ -31,12 +34,13 @@ from meshtastic.protobuf import (
     mqtt_pb2,
 )
 
+from .mqtt_client import PORT_PLAIN, PORT_TLS, MqttSettings
+from .topics import TopicProblem, topic_name_problem
+
 DEFAULT_SERVER = "mqtt.meshtastic.org"
 DEFAULT_USERNAME = "meshdev"
 DEFAULT_PASSWORD = "large4cats"
 DEFAULT_ROOT = "msh"
-PORT_PLAIN = 1883
-PORT_TLS = 8883
 PKI_CHANNEL = "PKI"
 
 MAX_PROXY_TOPIC_BYTES = 59
@@ -113,7 +117,7 @@ def preset_display_name(lora: config_pb2.Config.LoRaConfig) -> str:
         return PRESET_DISPLAY_NAMES[preset]
     enum_type = config_pb2.Config.LoRaConfig.ModemPreset
     try:
-        return _PRESET_BY_ENUM_NAME.get(enum_type.Name(preset), "Invalid")
+        return _PRESET_BY_ENUM_NAME.get(enum_type.Name(lora.modem_preset), "Invalid")
     except ValueError:
         return "Invalid"
 
@@ -136,27 +140,50 @@ def active_channels(
     return [c for c in channels if c.role != channel_pb2.Channel.Role.DISABLED]
 
 
+@dataclass(frozen=True, slots=True)
+class SubscriptionPlan:
+    """The proxy's topic filters, and the channels that cannot be subscribed.
+
+    ``filters`` are sorted; ``invalid`` maps a channel name (or ``root:`` plus
+    the topic root) to the :class:`~.topics.TopicProblem` that rules it out.
+    """
+
+    filters: list[str]
+    invalid: dict[str, TopicProblem]
+
+
 def subscription_filters(
     root: str,
     channels: list[channel_pb2.Channel],
     lora: config_pb2.Config.LoRaConfig,
-) -> list[str]:
-    """Return the topic filters the proxy subscribes to, sorted, never ``#``.
+) -> SubscriptionPlan:
+    """Return the topic filters the proxy subscribes to, never ``#``.
 
     ``{root}/2/e/{name}/+`` for each active channel with ``downlink_enabled``,
     plus ``{root}/2/e/PKI/+`` when there is at least one (firmware accepts PKI
-    downlinks only then, firmware #8580). An empty root means ``msh``.
+    downlinks only then, firmware #8580). An empty root means ``msh``. A root
+    or channel name that is not a valid topic name (wildcards, control
+    characters; MQTT §4.7) is left out and reported in ``invalid``.
     """
-    prefix = f"{root or DEFAULT_ROOT}/2/e/"
+    root = root or DEFAULT_ROOT
     names = {
         channel_name(c, lora)
         for c in active_channels(channels)
         if c.settings.downlink_enabled
     }
     if not names:
-        return []
+        return SubscriptionPlan([], {})
+    if (problem := topic_name_problem(root)) is not None:
+        return SubscriptionPlan([], {f"root:{root}": problem})
     names.add(PKI_CHANNEL)
-    return sorted(f"{prefix}{name}/+" for name in names)
+    invalid: dict[str, TopicProblem] = {}
+    filters: list[str] = []
+    for name in names:
+        if (problem := topic_name_problem(name)) is not None:
+            invalid[name] = problem
+        else:
+            filters.append(f"{root}/2/e/{name}/+")
+    return SubscriptionPlan(sorted(filters), invalid)
 
 
 class ProxyRequirement(enum.StrEnum):
@@ -179,26 +206,11 @@ def missing_proxy_settings(
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect to the MQTT broker.
+class NodeBroker:
+    """The broker to connect to and the node's topic root (``msh`` if unset)."""
 
-    ``port`` is a TCP port; ``tls`` selects TLS; ``verify_tls`` false accepts
-    self-signed certificates (hostname and chain are not checked).
-    """
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
+    settings: MqttSettings
     root: str
-    verify_tls: bool = True
-
-    def describe(self) -> str:
-        """Return ``mqtts://user@host:port`` without the password (for logs/UI)."""
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
 
 
 class InvalidAddressError(ValueError):
@@ -253,7 +265,7 @@ def parse_address(address: str, *, tls: bool) -> tuple[str, int, bool]:
 
 def broker_from_node(
     mqtt: module_config_pb2.ModuleConfig.MQTTConfig, *, verify_tls: bool = True
-) -> BrokerSettings:
+) -> NodeBroker:
     """Return the broker the node's MQTT settings name, as firmware and apps read them.
 
     An empty address is the public server with its default credentials and TLS
@@ -265,24 +277,34 @@ def broker_from_node(
         InvalidAddressError: the node's address cannot be parsed.
 
     """
+    root = mqtt.root or DEFAULT_ROOT
     address = mqtt.address.strip()
     if not address:
-        return BrokerSettings(
-            DEFAULT_SERVER,
-            PORT_TLS,
-            True,
-            DEFAULT_USERNAME,
-            DEFAULT_PASSWORD,
-            mqtt.root or DEFAULT_ROOT,
-            True,
+        return NodeBroker(
+            MqttSettings(
+                DEFAULT_SERVER,
+                PORT_TLS,
+                tls=True,
+                username=DEFAULT_USERNAME,
+                password=DEFAULT_PASSWORD,
+            ),
+            root,
         )
     host, port, tls = parse_address(address, tls=mqtt.tls_enabled)
     username: str | None = mqtt.username or None
     password: str | None = mqtt.password or None
     if host.lower() == DEFAULT_SERVER and not username:
         username, password = DEFAULT_USERNAME, DEFAULT_PASSWORD
-    return BrokerSettings(
-        host, port, tls, username, password, mqtt.root or DEFAULT_ROOT, verify_tls
+    return NodeBroker(
+        MqttSettings(
+            host,
+            port,
+            tls=tls,
+            verify_tls=verify_tls,
+            username=username,
+            password=password,
+        ),
+        root,
     )
 
 
@@ -354,10 +376,8 @@ def check_downlink(
 
 
 class UplinkDrop(enum.StrEnum):
-    """Why a node uplink is not published."""
+    """Why a node uplink is not published (besides :class:`~.publish_queue.DropReason`)."""
 
-    INVALID_TOPIC = "invalid_topic"
-    QUEUE_FULL = "queue_full"
     NO_PAYLOAD = "no_payload"
 
 
@@ -367,12 +387,9 @@ def uplink_payload(
     """Return the bytes to publish for a node uplink, or why it cannot be published.
 
     ``data`` is published as is, ``text`` as UTF-8 (both apps do this; LN4CY
-    published ``text`` uplinks as empty payloads). Topics must be non-empty and
-    free of the wildcards ``+`` and ``#`` (MQTT 4.7.1).
+    published ``text`` uplinks as empty payloads). The topic is checked when
+    the message is queued (:class:`~.publish_queue.PublishQueue`).
     """
-    topic = message.topic
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-        return b"", UplinkDrop.INVALID_TOPIC
     variant = message.WhichOneof("payload_variant")
     if variant == "data":
         return message.data, None
