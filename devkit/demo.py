@@ -376,7 +376,12 @@ def upsert_config_entry(storage: Path, sim_port: int) -> str:
             "data": {"entries": []},
         }
     entries: list[dict[str, Any]] = document["data"]["entries"]
-    data = {"connection": "tcp", "host": "127.0.0.1", "port": sim_port}
+    data = {
+        "entry_type": "meshtastic_node",
+        "connection": "tcp",
+        "host": "127.0.0.1",
+        "port": sim_port,
+    }
     for entry in entries:
         if entry.get("domain") == DOMAIN and entry.get("unique_id") == ENTRY_UNIQUE_ID:
             entry["data"] = {**entry.get("data", {}), **data}

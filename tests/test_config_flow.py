@@ -23,20 +23,16 @@ from homeassistant.config_entries import (
     SOURCE_ZEROCONF,
     ConfigEntryState,
 )
+from homeassistant.const import CONF_DEVICE, CONF_HOST, CONF_PORT
 from homeassistant.core import HomeAssistant
-from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.data_entry_flow import FlowResultType, UnknownHandler
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 import serialx
 import voluptuous as vol
 
-from custom_components.mqtt_bridge import config_flow
-from custom_components.mqtt_bridge.config_flow import (
-    BrokerAuthError,
-    BrokerConnectionError,
-    validate_broker,
-)
+from custom_components.mqtt_bridge import config_flow, flow_common, flow_node
 from custom_components.mqtt_bridge.const import (
     BROKER_MODE_CUSTOM,
     BROKER_MODE_NODE,
@@ -48,18 +44,19 @@ from custom_components.mqtt_bridge.const import (
     CONF_BROKER_TLS,
     CONF_BROKER_USERNAME,
     CONF_CONNECTION,
-    CONF_DEVICE,
+    CONF_ENTRY_TYPE,
     CONF_FORWARD_OWN_ECHOES,
     CONF_FORWARD_RETAINED,
-    CONF_HOST,
-    CONF_PORT,
     CONF_UPLINK_QUEUE_SIZE,
     CONNECTION_SERIAL,
     CONNECTION_TCP,
     DOMAIN,
+    EntryType,
 )
+from custom_components.mqtt_bridge.engine.mqtt_client import MqttSettings
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto, free_port
+from tests.common import MINOR_VERSION, VERSION, node_data
 
 NODE_NUM = 0x1A2B3C4D
 NODE_ID = "!1a2b3c4d"
@@ -240,12 +237,16 @@ def _tcp_entry(hass: HomeAssistant, **data: object) -> MockConfigEntry:
         domain=DOMAIN,
         title="Sim Node",
         unique_id=str(NODE_NUM),
-        data={
-            CONF_CONNECTION: CONNECTION_TCP,
-            CONF_HOST: "192.0.2.7",
-            CONF_PORT: 4403,
-            **data,
-        },
+        version=VERSION,
+        minor_version=MINOR_VERSION,
+        data=node_data(
+            **{
+                CONF_CONNECTION: CONNECTION_TCP,
+                CONF_HOST: "192.0.2.7",
+                CONF_PORT: 4403,
+                **data,
+            }
+        ),
     )
     entry.add_to_hass(hass)
     return entry
@@ -320,39 +321,55 @@ async def test_tcp_creates_entry(
     assert placeholders["firmware"] == "2.7.15.567b8ea"
     assert placeholders["hardware"] == "TBEAM"
     assert placeholders["connection"] == f"127.0.0.1:{port}"
-    assert placeholders["proxy_settings"].startswith("ready")
+    # MQTT and "Proxy to client" are on: no warning.
+    assert result["errors"] is None
     assert sim.handshakes >= 1
 
     result = await hass.config_entries.flow.async_configure(flow_id, {})
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["title"] == "Sim Node"
     assert result["data"] == {
+        CONF_ENTRY_TYPE: "meshtastic_node",
         CONF_CONNECTION: CONNECTION_TCP,
         CONF_HOST: "127.0.0.1",
         CONF_PORT: port,
     }
     entry = result["result"]
     assert entry.unique_id == str(NODE_NUM)
+    assert (entry.version, entry.minor_version) == (1, 2)
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.LOADED
     assert len(mock_setup_entry.mock_calls) == 1
 
 
 @pytest.mark.parametrize(
-    ("flags", "expected", "absent"),
+    ("flags", "warning", "mentions"),
     [
-        ((False, False), "MQTT enabled, Proxy to client enabled", None),
-        ((True, False), "Proxy to client enabled", "MQTT enabled,"),
-        ((False, True), "MQTT enabled", "Proxy to client"),
+        (
+            (False, False),
+            "node_settings_missing",
+            {"MQTT enabled": True, "Proxy to client enabled": True},
+        ),
+        (
+            (True, False),
+            "proxy_to_client_disabled",
+            {"MQTT enabled": False, "Proxy to client enabled": True},
+        ),
+        (
+            (False, True),
+            "mqtt_disabled",
+            {"MQTT enabled": True, "Proxy to client enabled": False},
+        ),
     ],
 )
 async def test_tcp_warns_about_node_settings(
     hass: HomeAssistant,
     mock_setup_entry: AsyncMock,
     flags: tuple[bool, bool],
-    expected: str,
-    absent: str | None,
+    warning: str,
+    mentions: dict[str, bool],
 ) -> None:
+    """A translated warning names the node settings that are off; adding still works."""
     sim, port = await _start_node(
         mqtt_enabled=flags[0], proxy_to_client_enabled=flags[1]
     )
@@ -361,12 +378,20 @@ async def test_tcp_warns_about_node_settings(
         result = await hass.config_entries.flow.async_configure(
             flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: port}
         )
+        assert result["type"] is FlowResultType.FORM
         assert result["step_id"] == "confirm"
-        settings = result["description_placeholders"]["proxy_settings"]
-        assert settings.startswith("⚠️")
-        assert expected in settings
-        if absent is not None:
-            assert absent not in settings
+        assert result["errors"] == {"base": warning}
+        text = TRANSLATIONS["config"]["error"][warning]
+        for setting, mentioned in mentions.items():
+            assert (setting in text) is mentioned, setting
+        # No English built in code: the placeholders are the node's own data.
+        assert set(result["description_placeholders"]) == {
+            "name",
+            "node_id",
+            "firmware",
+            "hardware",
+            "connection",
+        }
         # Adding the node is still allowed.
         result = await hass.config_entries.flow.async_configure(flow_id, {})
         assert result["type"] is FlowResultType.CREATE_ENTRY
@@ -425,7 +450,7 @@ async def test_tcp_peer_hangs_up(hass: HomeAssistant) -> None:
 async def test_tcp_handshake_timeout(hass: HomeAssistant) -> None:
     async with _Peer(_silent) as peer:
         flow_id = await _start_tcp_flow(hass)
-        with patch.object(config_flow, "PROBE_TIMEOUT", 0.3):
+        with patch.object(flow_node, "PROBE_TIMEOUT", 0.3):
             result = await hass.config_entries.flow.async_configure(
                 flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: peer.port}
             )
@@ -438,7 +463,7 @@ async def test_tcp_unexpected_error(
     hass: HomeAssistant, caplog: pytest.LogCaptureFixture
 ) -> None:
     flow_id = await _start_tcp_flow(hass)
-    with patch.object(config_flow, "probe_node", side_effect=RuntimeError("boom")):
+    with patch.object(flow_node, "probe_node", side_effect=RuntimeError("boom")):
         result = await hass.config_entries.flow.async_configure(
             flow_id, {CONF_HOST: "127.0.0.1", CONF_PORT: 4403}
         )
@@ -458,11 +483,9 @@ async def test_tcp_already_configured_updates_address(
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
-    assert entry.data == {
-        CONF_CONNECTION: CONNECTION_TCP,
-        CONF_HOST: "127.0.0.1",
-        CONF_PORT: port,
-    }
+    assert entry.data == node_data(
+        **{CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
     await hass.async_block_till_done()
     # No reload from the flow (the entry's own update listener does that, and
     # both together are an error from HA 2026.12).
@@ -503,7 +526,7 @@ async def test_serial_creates_entry(
         {
             "value": "/dev/serial/by-id/usb-RAK_WisBlock-if00",
             "label": "/dev/serial/by-id/usb-RAK_WisBlock-if00 - WisBlock RAK4631, "
-            "RAKwireless, s/n C0FFEE",
+            "RAKwireless, C0FFEE",
         },
         {"value": "/dev/ttyS0", "label": "/dev/ttyS0"},
     ]
@@ -520,7 +543,9 @@ async def test_serial_creates_entry(
     assert sim.handshakes >= 1
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert result["data"] == {CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    assert result["data"] == node_data(
+        **{CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    )
     assert result["result"].unique_id == str(NODE_NUM)
 
 
@@ -577,11 +602,9 @@ async def test_zeroconf_creates_entry(
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert result["title"] == "Sim Node"
-    assert result["data"] == {
-        CONF_CONNECTION: CONNECTION_TCP,
-        CONF_HOST: "127.0.0.1",
-        CONF_PORT: port,
-    }
+    assert result["data"] == node_data(
+        **{CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
     assert sim.handshakes >= 1
 
 
@@ -618,11 +641,9 @@ async def test_zeroconf_without_id_probes_then_updates(
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "already_configured"
-    assert entry.data == {
-        CONF_CONNECTION: CONNECTION_TCP,
-        CONF_HOST: "127.0.0.1",
-        CONF_PORT: port,
-    }
+    assert entry.data == node_data(
+        **{CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
     assert sim.handshakes >= 1
 
 
@@ -684,11 +705,9 @@ async def test_reconfigure_tcp(
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
-    assert entry.data == {
-        CONF_CONNECTION: CONNECTION_TCP,
-        CONF_HOST: "127.0.0.1",
-        CONF_PORT: port,
-    }
+    assert entry.data == node_data(
+        **{CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "127.0.0.1", CONF_PORT: port}
+    )
     await hass.async_block_till_done()
     # Unloaded for the probe, then set up again with the new data.
     assert entry.state is ConfigEntryState.LOADED
@@ -768,7 +787,9 @@ async def test_reconfigure_tcp_to_serial(
     )
     assert result["type"] is FlowResultType.ABORT
     assert result["reason"] == "reconfigure_successful"
-    assert entry.data == {CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    assert entry.data == node_data(
+        **{CONF_CONNECTION: CONNECTION_SERIAL, CONF_DEVICE: device}
+    )
     await hass.async_block_till_done()
     assert entry.state is ConfigEntryState.NOT_LOADED
     assert mock_setup_entry.mock_calls == []
@@ -860,7 +881,11 @@ def _custom_broker_entry(
         domain=DOMAIN,
         title="Sim Node",
         unique_id=str(NODE_NUM),
-        data={CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "192.0.2.7", CONF_PORT: 4403},
+        version=VERSION,
+        minor_version=MINOR_VERSION,
+        data=node_data(
+            **{CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "192.0.2.7", CONF_PORT: 4403}
+        ),
         options={
             CONF_BROKER_MODE: BROKER_MODE_CUSTOM,
             CONF_BROKER_HOST: "127.0.0.1",
@@ -915,7 +940,9 @@ async def test_reauth_cannot_connect_and_unknown(
     )
     assert result["errors"] == {"base": "cannot_connect"}
 
-    with patch.object(config_flow, "validate_broker", side_effect=RuntimeError("boom")):
+    with patch.object(
+        flow_common, "check_connection", side_effect=RuntimeError("boom")
+    ):
         result = await hass.config_entries.flow.async_configure(
             result["flow_id"], {CONF_BROKER_USERNAME: "u", CONF_BROKER_PASSWORD: "p"}
         )
@@ -1087,7 +1114,9 @@ async def test_options_broker_errors(
     }
     assert defaults[CONF_BROKER_TLS] is True
 
-    with patch.object(config_flow, "validate_broker", side_effect=RuntimeError("boom")):
+    with patch.object(
+        flow_common, "check_connection", side_effect=RuntimeError("boom")
+    ):
         result = await hass.config_entries.options.async_configure(
             flow_id, {**base, CONF_BROKER_PORT: mosquitto.port}
         )
@@ -1120,7 +1149,7 @@ async def test_options_self_signed_broker(
         result["flow_id"], broker
     )
     # The certificate is checked unless self-signed ones are allowed.
-    assert result["errors"] == {"base": "cannot_connect"}
+    assert result["errors"] == {"base": "tls_failed"}
 
     result = await hass.config_entries.options.async_init(entry.entry_id)
     result = await hass.config_entries.options.async_configure(
@@ -1134,24 +1163,147 @@ async def test_options_self_signed_broker(
     assert entry.options[CONF_ALLOW_SELF_SIGNED] is True
 
 
-# -- validate_broker ------------------------------------------------------------
+# -- the broker check (the engine's check_connection, mapped to error keys) --------
 
 
-async def test_validate_broker(hass: HomeAssistant, password_broker: Mosquitto) -> None:
+async def _check(settings: MqttSettings) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    passed = await flow_common.async_check_broker(settings, errors)
+    assert passed is (not errors)
+    return errors
+
+
+async def test_broker_check_credentials(
+    hass: HomeAssistant, password_broker: Mosquitto
+) -> None:
     port = password_broker.port
-    await validate_broker("127.0.0.1", port, False, "u", "p")
-    with pytest.raises(BrokerAuthError):
-        await validate_broker("127.0.0.1", port, False, "u", "bad")
-    with pytest.raises(BrokerAuthError):
-        await validate_broker("127.0.0.1", port, False, None, None)
-    with pytest.raises(BrokerConnectionError):
-        await validate_broker("127.0.0.1", free_port(), False, "u", "p")
-    with pytest.raises(BrokerConnectionError):
-        await validate_broker("127.0.0.1", port, True, "u", "p", verify_tls=False)
+    assert (
+        await _check(MqttSettings("127.0.0.1", port, username="u", password="p")) == {}
+    )
+    assert await _check(
+        MqttSettings("127.0.0.1", port, username="u", password="bad")
+    ) == {"base": "invalid_auth"}
+    assert await _check(MqttSettings("127.0.0.1", port)) == {"base": "invalid_auth"}
 
 
-async def test_validate_broker_refused_for_other_reason(hass: HomeAssistant) -> None:
+async def test_broker_check_unreachable_and_tls(
+    hass: HomeAssistant, mosquitto: Mosquitto, tls_broker: Mosquitto
+) -> None:
+    assert await _check(MqttSettings("127.0.0.1", free_port())) == {
+        "base": "cannot_connect"
+    }
+    # A self-signed certificate fails verification unless it is accepted.
+    assert await _check(MqttSettings("127.0.0.1", tls_broker.tls_port, tls=True)) == {
+        "base": "tls_failed"
+    }
+    assert (
+        await _check(
+            MqttSettings("127.0.0.1", tls_broker.tls_port, tls=True, verify_tls=False)
+        )
+        == {}
+    )
+
+
+async def test_broker_check_refused_for_other_reason(hass: HomeAssistant) -> None:
+    """CONNACK "server unavailable" is not a credentials problem."""
     async with _Peer(_server_unavailable) as peer:
-        with pytest.raises(BrokerConnectionError):
-            await validate_broker("127.0.0.1", peer.port, False, "u", "p")
+        assert await _check(MqttSettings("127.0.0.1", peer.port)) == {
+            "base": "cannot_connect"
+        }
+    assert peer.connections >= 1
+
+
+async def test_broker_check_timeout(hass: HomeAssistant) -> None:
+    """A peer that accepts and never answers CONNACK is a timeout."""
+    async with _Peer(_silent) as peer:
+        with patch.object(flow_common, "BROKER_TIMEOUT", 0.3):
+            assert await _check(MqttSettings("127.0.0.1", peer.port)) == {
+                "base": "timeout"
+            }
     assert peer.connections == 1
+
+
+async def test_options_broker_timeout(hass: HomeAssistant) -> None:
+    """The options flow shows the broker check's timeout (translated)."""
+    entry = _tcp_entry(hass)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"], _init_input()
+    )
+    async with _Peer(_silent) as peer:
+        with patch.object(flow_common, "BROKER_TIMEOUT", 0.3):
+            result = await hass.config_entries.options.async_configure(
+                result["flow_id"],
+                {
+                    CONF_BROKER_HOST: "127.0.0.1",
+                    CONF_BROKER_PORT: peer.port,
+                    CONF_BROKER_TLS: False,
+                },
+            )
+    assert result["errors"] == {"base": "timeout"}
+    assert CONF_BROKER_HOST not in entry.options
+
+
+# -- entry types ----------------------------------------------------------------
+
+
+def _future_entry(hass: HomeAssistant) -> MockConfigEntry:
+    """An entry of a type this version does not know (written by a newer one)."""
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        title="Future",
+        unique_id="future",
+        version=VERSION,
+        minor_version=MINOR_VERSION,
+        data={CONF_ENTRY_TYPE: "future_type"},
+    )
+    entry.add_to_hass(hass)
+    return entry
+
+
+async def test_user_menu_offers_only_the_node(hass: HomeAssistant) -> None:
+    """The Meshtastic node comes first; the broker type is not offered yet."""
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": SOURCE_USER}
+    )
+    assert result["menu_options"][0] == "meshtastic"
+    assert EntryType.MQTT_BROKER.value not in result["menu_options"]
+    assert len(result["menu_options"]) == 1
+
+
+async def test_options_flow_by_entry_type(hass: HomeAssistant) -> None:
+    node = _tcp_entry(hass)
+    future = _future_entry(hass)
+    flow = config_flow.MqttBridgeConfigFlow
+    assert flow.async_supports_options_flow(node) is True
+    assert flow.async_supports_options_flow(future) is False
+    assert isinstance(flow.async_get_options_flow(node), flow_node.NodeOptionsFlow)
+    with pytest.raises(UnknownHandler):
+        await hass.config_entries.options.async_init(future.entry_id)
+
+
+async def test_flows_of_unmigrated_entry(hass: HomeAssistant) -> None:
+    """A 1.1 entry (no entry_type, e.g. disabled during the upgrade) is a node."""
+    entry = MockConfigEntry(
+        domain=DOMAIN,
+        unique_id=str(NODE_NUM),
+        data={CONF_CONNECTION: CONNECTION_TCP, CONF_HOST: "192.0.2.7", CONF_PORT: 4403},
+    )
+    entry.add_to_hass(hass)
+    assert (entry.version, entry.minor_version) == (1, 1)
+    assert config_flow.MqttBridgeConfigFlow.async_supports_options_flow(entry)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    assert result["step_id"] == "init"
+    result = await entry.start_reconfigure_flow(hass)
+    assert result["type"] is FlowResultType.MENU
+    assert result["step_id"] == "reconfigure"
+
+
+async def test_reconfigure_and_reauth_of_unknown_type(hass: HomeAssistant) -> None:
+    entry = _future_entry(hass)
+    result = await entry.start_reconfigure_flow(hass)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "not_supported"
+    result = await entry.start_reauth_flow(hass)
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "not_supported"

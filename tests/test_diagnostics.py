@@ -7,16 +7,19 @@ from collections.abc import AsyncIterator
 import json
 
 from google.protobuf.json_format import MessageToDict
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.redact import REDACTED
+from homeassistant.setup import async_setup_component
 import pytest
 from pytest_homeassistant_custom_component.components.diagnostics import (
     get_diagnostics_for_config_entry,
 )
 from pytest_homeassistant_custom_component.typing import ClientSessionGenerator
 
+from custom_components.mqtt_bridge.const import DOMAIN
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
-from devkit.mosquitto import Mosquitto
+from devkit.mosquitto import Mosquitto, free_port
 from tests.common import NODE_NUM, add_node_entry, wait_for
 
 PSK = bytes(range(100, 116))
@@ -95,6 +98,9 @@ async def test_diagnostics(
         assert secret not in dumped, secret
 
     assert diag["entry"]["data"]["host"] == "127.0.0.1"
+    assert diag["entry"]["entry_type"] == "meshtastic_node"
+    assert diag["entry"]["version"] == "1.2"
+    assert diag["entry"]["state"] == "loaded"
     assert diag["entry"]["options"]["broker_password"] == REDACTED
     assert diag["entry"]["options"]["broker_username"] == REDACTED
     assert diag["entry"]["options"]["broker_host"] == "broker.example.com"
@@ -130,7 +136,7 @@ async def test_diagnostics(
     assert proxy["broker_connected"] is True
     assert proxy["broker"]["host"] == "127.0.0.1"
     assert proxy["broker"]["username"] == REDACTED
-    assert proxy["broker"]["password"] == REDACTED
+    assert proxy["broker"].get("password") in (None, REDACTED)
     assert proxy["subscriptions"] == [
         "msh/2/e/LongFast/+",
         "msh/2/e/Ops/+",
@@ -141,3 +147,39 @@ async def test_diagnostics(
     # The test's own premise: unredacted, the key would show up in this encoding.
     raw = MessageToDict(runtime.snapshot.channels[0], preserving_proto_field_name=True)
     assert b64(PSK) in json.dumps(raw)
+
+
+async def test_diagnostics_of_entry_not_loaded(
+    hass: HomeAssistant, hass_client: ClientSessionGenerator
+) -> None:
+    """An entry that is not set up reports itself only, still redacted."""
+    assert await async_setup_component(hass, DOMAIN, {})
+    # Added after the integration was set up: not loaded.
+    entry = add_node_entry(
+        hass,
+        free_port(),
+        options={"broker_username": OPTIONS_USER, "broker_password": OPTIONS_PASSWORD},
+    )
+    assert entry.state is ConfigEntryState.NOT_LOADED
+    diag = await get_diagnostics_for_config_entry(hass, hass_client, entry)
+    assert set(diag) == {"entry"}
+    assert diag["entry"]["state"] == "not_loaded"
+    assert diag["entry"]["options"] == {
+        "broker_username": REDACTED,
+        "broker_password": REDACTED,
+    }
+
+
+async def test_diagnostics_before_the_node_answers(
+    hass: HomeAssistant, hass_client: ClientSessionGenerator
+) -> None:
+    """A loaded entry whose node was never reached has no node data yet."""
+    entry = add_node_entry(hass, free_port())
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    diag = await get_diagnostics_for_config_entry(hass, hass_client, entry)
+    assert diag["node"] is None
+    assert diag["metrics"] is None
+    assert diag["link"]["state"] != "ready"
+    assert diag["proxy"]["status"] == "waiting_for_node"
+    assert diag["proxy"]["broker_connected"] is False

@@ -7,6 +7,8 @@ of sleeping through ``UPDATE_THROTTLE``.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+import json
+from pathlib import Path
 
 import aiomqtt
 from homeassistant.components.binary_sensor import BinarySensorDeviceClass
@@ -38,9 +40,12 @@ from pytest_homeassistant_custom_component.common import (
     async_fire_time_changed,
 )
 
+from custom_components.mqtt_bridge import entity as entity_module
 from custom_components.mqtt_bridge.const import DOMAIN, UPDATE_THROTTLE
+from custom_components.mqtt_bridge.engine.proxy import ProxyStatus
+from custom_components.mqtt_bridge.sensor import SENSORS
 from devkit.meshsim import SimulatedNode, default_profile
-from devkit.mosquitto import Mosquitto
+from devkit.mosquitto import Mosquitto, free_port
 from tests.common import NODE_NUM, add_node_entry, wait_for
 
 UNIQUE_ID = str(NODE_NUM)
@@ -180,13 +185,23 @@ async def test_device_and_entity_registry(
 
     status = hass.states.get(entity_id(hass, "sensor", "proxy_status"))
     assert status is not None
-    assert status.attributes["options"] == [
+    assert status.attributes["options"] == [status.value for status in ProxyStatus]
+    assert {
         "waiting_for_node",
         "node_settings_missing",
         "invalid_broker_address",
         "running",
         "broker_auth_failed",
-    ]
+    } <= set(status.attributes["options"])
+    # Every state the engine can report is translated and has an icon.
+    strings = await translation.async_get_translations(hass, "en", "entity", [DOMAIN])
+    icons = json.loads(
+        (Path(entity_module.__file__).parent / "icons.json").read_text(encoding="utf-8")
+    )
+    for option in status.attributes["options"]:
+        key = f"component.{DOMAIN}.entity.sensor.proxy_status.state.{option}"
+        assert strings[key], option
+        assert icons["entity"]["sensor"]["proxy_status"]["state"][option], option
 
 
 async def test_reload_keeps_node_device_info(
@@ -449,20 +464,43 @@ async def test_node_settings_missing(
         assert state(hass, "sensor", "proxy_status") == "node_settings_missing"
         assert state(hass, "binary_sensor", "broker_connected") == STATE_OFF
 
+        # One issue per setting that is off: only "Proxy to client" here.
+        assert (
+            issue_registry.async_get_issue(
+                DOMAIN, f"node_mqtt_disabled_{entry.entry_id}"
+            )
+            is None
+        )
         issue = issue_registry.async_get_issue(
-            DOMAIN, f"node_settings_missing_{entry.entry_id}"
+            DOMAIN, f"node_proxy_to_client_disabled_{entry.entry_id}"
         )
         assert issue is not None
+        assert issue.translation_placeholders == {"name": "Sim Node"}
         strings = await translation.async_get_translations(
             hass, "en", "issues", [DOMAIN]
         )
-        prefix = f"component.{DOMAIN}.issues.node_settings_missing"
+        prefix = f"component.{DOMAIN}.issues.node_proxy_to_client_disabled"
         description = strings[f"{prefix}.description"].format(
             **issue.translation_placeholders
         )
-        assert "proxy_to_client_enabled" in description
         assert "Proxy to client enabled" in description
-        assert strings[f"{prefix}.title"].format(**issue.translation_placeholders)
+        assert "proxy_to_client_enabled" not in description
+        title = strings[f"{prefix}.title"].format(**issue.translation_placeholders)
+        assert title.startswith("Sim Node: ")
         assert await hass.config_entries.async_unload(entry.entry_id)
     finally:
         await sim.stop()
+
+
+async def test_metrics_not_reported(hass: HomeAssistant) -> None:
+    """Before the node reports device metrics the metric sensors have no value."""
+    entry = add_node_entry(hass, free_port())
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    runtime = entry.runtime_data
+    assert runtime.link.metrics is None
+    by_key = {description.key: description for description in SENSORS}
+    for key in ("battery_level", "voltage", "channel_utilization", "air_util_tx"):
+        assert by_key[key].value_fn(runtime) is None, key
+    assert by_key["battery_level"].attributes_fn(runtime) is None
+    assert by_key["uplink_messages"].attributes_fn(runtime) is None

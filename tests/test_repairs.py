@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import issue_registry as ir
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
+from custom_components.mqtt_bridge import issues
 from custom_components.mqtt_bridge.const import DOMAIN
 from custom_components.mqtt_bridge.engine.proxy import ProxyStatus
+from custom_components.mqtt_bridge.engine.rules import ProxyRequirement
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
 from tests.common import add_node_entry, wait_for
@@ -42,20 +47,37 @@ async def test_missing_settings_issue_cleared_after_fix(
     try:
         entry = await _setup(hass, node)
         runtime = entry.runtime_data
-        issue_id = f"node_settings_missing_{entry.entry_id}"
-        await wait_for(lambda: issue_registry.async_get_issue(DOMAIN, issue_id))
-        issue = issue_registry.async_get_issue(DOMAIN, issue_id)
-        assert issue is not None
-        assert issue.translation_placeholders["settings"] == (
-            "mqtt_enabled, proxy_to_client_enabled"
+        mqtt_issue = f"node_mqtt_disabled_{entry.entry_id}"
+        proxy_issue = f"node_proxy_to_client_disabled_{entry.entry_id}"
+        # One issue per setting that is off, translated without enum values.
+        await wait_for(
+            lambda: (
+                issue_registry.async_get_issue(DOMAIN, mqtt_issue) is not None
+                and issue_registry.async_get_issue(DOMAIN, proxy_issue) is not None
+            )
         )
-        assert not issue.is_fixable
+        for issue_id in (mqtt_issue, proxy_issue):
+            issue = issue_registry.async_get_issue(DOMAIN, issue_id)
+            assert issue is not None
+            assert issue.translation_placeholders == {"name": "Sim Node"}
+            assert not issue.is_fixable
         runtime.link.backoff.base = runtime.link.backoff.cap = 0.05
+
+        # MQTT turned on, "Proxy to client" still off: only that issue remains.
+        handshakes = runtime.link.stats.handshakes
         node.profile.mqtt_enabled = True
+        await node.reboot()
+        await wait_for(lambda: runtime.link.stats.handshakes > handshakes)
+        await wait_for(
+            lambda: issue_registry.async_get_issue(DOMAIN, mqtt_issue) is None
+        )
+        assert runtime.proxy.status is ProxyStatus.NODE_SETTINGS_MISSING
+        assert issue_registry.async_get_issue(DOMAIN, proxy_issue) is not None
+
         node.profile.proxy_to_client_enabled = True
         await node.reboot()
         await wait_for(lambda: runtime.proxy.status is ProxyStatus.RUNNING)
-        assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
+        assert issue_registry.async_get_issue(DOMAIN, proxy_issue) is None
         await wait_for(lambda: runtime.proxy.broker_connected)
         assert await hass.config_entries.async_unload(entry.entry_id)
     finally:
@@ -79,11 +101,18 @@ async def test_rejected_node_broker_credentials_raise_repair_not_reauth(
         await wait_for(lambda: issue_registry.async_get_issue(DOMAIN, issue_id))
         issue = issue_registry.async_get_issue(DOMAIN, issue_id)
         assert issue is not None
-        assert "credentials" in issue.translation_placeholders["error"]
+        proxy = entry.runtime_data.proxy
+        assert proxy.error
+        assert issue.translation_placeholders == {
+            "name": "Sim Node",
+            "error": proxy.error,
+        }
         # The node's settings are wrong: HA cannot re-authenticate for it.
         assert _reauth_flows(hass) == []
-        assert entry.runtime_data.proxy.status is ProxyStatus.BROKER_AUTH_FAILED
+        assert proxy.status is ProxyStatus.BROKER_AUTH_FAILED
         assert await hass.config_entries.async_unload(entry.entry_id)
+        # An unloaded entry has no issues: the next runtime checks again.
+        assert issue_registry.async_get_issue(DOMAIN, issue_id) is None
     finally:
         await node.stop()
 
@@ -104,3 +133,16 @@ async def test_invalid_node_broker_address_raises_repair(
         assert await hass.config_entries.async_unload(entry.entry_id)
     finally:
         await node.stop()
+
+
+def test_every_node_setting_has_a_translated_issue() -> None:
+    """Each setting the proxy can report as missing has its own translated issue."""
+    strings = json.loads(
+        (Path(issues.__file__).parent / "translations" / "en.json").read_text(
+            encoding="utf-8"
+        )
+    )["issues"]
+    assert set(issues.SETTING_ISSUES) == set(ProxyRequirement)
+    for key in issues.ALL_ISSUES:
+        assert strings[key]["title"].startswith("{name}: ")
+        assert strings[key]["description"]

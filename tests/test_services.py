@@ -8,6 +8,7 @@ from typing import Any
 
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
+from homeassistant.helpers import device_registry as dr
 from homeassistant.helpers.service import async_get_all_descriptions
 from homeassistant.setup import async_setup_component
 from meshtastic.protobuf import mesh_pb2, portnums_pb2
@@ -221,11 +222,93 @@ async def test_action_description(hass: HomeAssistant) -> None:
     action = descriptions[DOMAIN]["send_text"]
     assert action["name"] == "Send text"
     fields = action["fields"]
-    assert set(fields) == {"config_entry_id", "text", "channel", "destination"}
-    assert fields["config_entry_id"]["required"] is True
+    assert set(fields) == {
+        "config_entry_id",
+        "device_id",
+        "text",
+        "channel",
+        "destination",
+    }
+    # Either target, so neither is required by the UI (the handler checks).
+    assert fields["config_entry_id"]["required"] is False
     assert fields["config_entry_id"]["selector"] == {
         "config_entry": {"integration": DOMAIN}
     }
+    assert fields["device_id"]["required"] is False
+    assert fields["device_id"]["selector"] == {"device": {"integration": DOMAIN}}
+    assert fields["device_id"]["name"] == "Device"
     assert fields["text"]["selector"] == {"text": {"multiline": True}}
     assert fields["channel"]["selector"]["number"]["max"] == 7
     assert fields["destination"]["name"] == "Destination"
+
+
+async def call(hass: HomeAssistant, **data: Any) -> None:
+    """Call the action with exactly the given data."""
+    await hass.services.async_call(DOMAIN, "send_text", data, blocking=True)
+
+
+def node_device_id(hass: HomeAssistant, entry: MockConfigEntry) -> str:
+    """Return the id of the entry's node device."""
+    (device,) = dr.async_entries_for_config_entry(dr.async_get(hass), entry.entry_id)
+    return device.id
+
+
+async def test_send_by_device(
+    hass: HomeAssistant, node: SimulatedNode, loaded: MockConfigEntry
+) -> None:
+    """The node's device works as the target instead of the entry."""
+    await call(
+        hass,
+        device_id=node_device_id(hass, loaded),
+        text="via device",
+        destination="!433e1f70",
+    )
+    await wait_for(lambda: bool(text_packets(node)))
+    (packet,) = text_packets(node)
+    assert packet.decoded.payload == b"via device"
+    assert packet.to == OTHER_NODE
+
+
+async def test_target_must_be_exactly_one(
+    hass: HomeAssistant, node: SimulatedNode, loaded: MockConfigEntry
+) -> None:
+    """Both or neither of config_entry_id and device_id: translated errors."""
+    device_id = node_device_id(hass, loaded)
+    for data, key in (
+        ({}, "missing_target"),
+        ({"config_entry_id": "", "device_id": ""}, "missing_target"),
+        (
+            {"config_entry_id": loaded.entry_id, "device_id": device_id},
+            "conflicting_target",
+        ),
+    ):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(hass, text="hi", **data)
+        assert err.value.translation_domain == DOMAIN
+        assert err.value.translation_key == key
+    await asyncio.sleep(0.05)
+    assert not text_packets(node)
+
+
+async def test_unknown_device(hass: HomeAssistant, loaded: MockConfigEntry) -> None:
+    """A device id that is not one of this integration's nodes is refused."""
+    other = MockConfigEntry(domain="other_domain")
+    other.add_to_hass(hass)
+    foreign = dr.async_get(hass).async_get_or_create(
+        config_entry_id=other.entry_id, identifiers={("other_domain", "x")}
+    )
+    for device_id in ("does-not-exist", foreign.id):
+        with pytest.raises(ServiceValidationError) as err:
+            await call(hass, device_id=device_id, text="hi")
+        assert err.value.translation_key == "device_not_found"
+        assert err.value.translation_placeholders == {"device_id": device_id}
+
+
+async def test_device_of_unloaded_entry(
+    hass: HomeAssistant, loaded: MockConfigEntry
+) -> None:
+    device_id = node_device_id(hass, loaded)
+    assert await hass.config_entries.async_unload(loaded.entry_id)
+    with pytest.raises(ServiceValidationError) as err:
+        await call(hass, device_id=device_id, text="hi")
+    assert err.value.translation_key == "entry_not_loaded"

@@ -1,4 +1,4 @@
-"""Binary sensors of MQTT Bridge: node and broker connectivity."""
+"""Binary sensors of a Meshtastic node entry: node and broker connectivity."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from homeassistant.const import EntityCategory
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
-from .entity import MqttBridgeEntity
-from .runtime import MeshtasticRuntime, MqttBridgeConfigEntry
+from .entity import NodeEntity, node_runtime
+from .models import MqttBridgeConfigEntry
+from .node_runtime import NodeRuntime
 
 # Push entities, nothing to poll or to throttle per platform.
 PARALLEL_UPDATES = 0
@@ -25,7 +26,7 @@ PARALLEL_UPDATES = 0
 class MqttBridgeBinarySensorDescription(BinarySensorEntityDescription):
     """A binary sensor and how to read it from the runtime."""
 
-    is_on_fn: Callable[[MeshtasticRuntime], bool]
+    is_on_fn: Callable[[NodeRuntime], bool]
     # The node connection sensor reports the availability itself, so it must
     # never be unavailable.
     always_available: bool = False
@@ -55,14 +56,15 @@ async def async_setup_entry(
     entry: MqttBridgeConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the connectivity sensors of the entry's node."""
-    runtime = entry.runtime_data
+    """Add the connectivity sensors of a node entry's node."""
+    if (runtime := node_runtime(entry)) is None:
+        return
     async_add_entities(
         MqttBridgeBinarySensor(runtime, description) for description in BINARY_SENSORS
     )
 
 
-class MqttBridgeBinarySensor(MqttBridgeEntity, BinarySensorEntity):
+class MqttBridgeBinarySensor(NodeEntity, BinarySensorEntity):
     """A connectivity sensor of the node or of the proxy's broker session."""
 
     entity_description: MqttBridgeBinarySensorDescription

@@ -1,25 +1,52 @@
-"""Constants of the MQTT Bridge integration."""
+"""Constants of the MQTT Bridge integration, grouped by entry type.
+
+Config keys Home Assistant already defines (``host``, ``port``, ``device``,
+``device_id``, ``entity_id``) are imported from :mod:`homeassistant.const`
+where the stored key is the same string. Default ports are not repeated here:
+the node's TCP API port is :data:`.engine.node_link.DEFAULT_TCP_PORT` (4403),
+the broker ports are :data:`.engine.rules.PORT_PLAIN` (1883) and
+:data:`.engine.rules.PORT_TLS` (8883).
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Final
 
 DOMAIN: Final = "mqtt_bridge"
 MANUFACTURER: Final = "Meshtastic"
 
-# Config entry data (the node connection).
+# -- every entry ---------------------------------------------------------------
+
+# entry.data[CONF_ENTRY_TYPE] says what an entry is (config entry 1.2 on;
+# async_migrate_entry adds it to 1.1 entries, which were all Meshtastic nodes).
+CONF_ENTRY_TYPE: Final = "entry_type"
+
+
+class EntryType(StrEnum):
+    """What a config entry of this integration is (``entry.data["entry_type"]``)."""
+
+    # A Meshtastic node whose MQTT client proxy traffic Home Assistant forwards.
+    MESHTASTIC_NODE = "meshtastic_node"
+    # An MQTT broker for the MQTT tools (next issue; nothing offers it yet).
+    MQTT_BROKER = "mqtt_broker"
+
+
+# -- Meshtastic node: entry.data (how Home Assistant reaches the node) ----------
+# With CONF_CONNECTION == CONNECTION_TCP the data holds homeassistant.const
+# CONF_HOST and CONF_PORT; with CONNECTION_SERIAL it holds CONF_DEVICE (a path).
+
 CONF_CONNECTION: Final = "connection"
 CONNECTION_TCP: Final = "tcp"
 CONNECTION_SERIAL: Final = "serial"
-CONF_HOST: Final = "host"
-CONF_PORT: Final = "port"
-CONF_DEVICE: Final = "device"
-DEFAULT_TCP_PORT: Final = 4403
 
-# Options (the proxy).
+# -- Meshtastic node: entry.options (the proxy) -----------------------------------
+# The broker keys keep their "broker_" prefix: they are the stored keys of
+# existing entries and name the proxy's broker, not the entry's own peer.
+
 CONF_BROKER_MODE: Final = "broker_mode"
-BROKER_MODE_NODE: Final = "node"
-BROKER_MODE_CUSTOM: Final = "custom"
+BROKER_MODE_NODE: Final = "node"  # the broker in the node's MQTT settings
+BROKER_MODE_CUSTOM: Final = "custom"  # the broker in the options below
 CONF_BROKER_HOST: Final = "broker_host"
 CONF_BROKER_PORT: Final = "broker_port"
 CONF_BROKER_TLS: Final = "broker_tls"
@@ -29,21 +56,47 @@ CONF_ALLOW_SELF_SIGNED: Final = "allow_self_signed"
 CONF_FORWARD_RETAINED: Final = "forward_retained"
 CONF_FORWARD_OWN_ECHOES: Final = "forward_own_echoes"
 CONF_UPLINK_QUEUE_SIZE: Final = "uplink_queue_size"
-DEFAULT_UPLINK_QUEUE_SIZE: Final = 1000
+DEFAULT_UPLINK_QUEUE_SIZE: Final = 1000  # messages
+
+# -- Meshtastic node: entities, events, repairs -----------------------------------
 
 # Seconds between two state writes of counters and last-activity entities, so the
 # recorder never stores one row per mesh message.
 UPDATE_THROTTLE: Final = 2.0
 
-EVENT_TEXT_MESSAGE: Final = "text_message"
+# Entity description key of the node's "Messages" event entity.
+KEY_MESSAGES: Final = "messages"
+# Event type the "Messages" event entity fires for each received text message.
+EVENT_TYPE_TEXT_MESSAGE: Final = "text_message"
+# Bus event fired for each received text message (described by logbook.py).
+EVENT_TEXT_MESSAGE: Final = f"{DOMAIN}_text_message"
 
-# Repair issue ids (suffixed with the entry id).
-ISSUE_NODE_SETTINGS: Final = "node_settings_missing"
+# Text message attributes (event entity) and bus event data keys; the bus event
+# also carries ATTR_CONFIG_ENTRY_ID and homeassistant.const ATTR_DEVICE_ID and
+# ATTR_ENTITY_ID.
+ATTR_SENDER_ID: Final = "sender_id"  # "!xxxxxxxx"
+ATTR_SENDER_NAME: Final = "sender_name"  # long name, None if unknown
+ATTR_CHANNEL: Final = "channel"  # channel index 0..7
+ATTR_CHANNEL_NAME: Final = "channel_name"  # None if the index is unknown
+ATTR_DESTINATION: Final = "destination"  # "^all" or "!xxxxxxxx"
+ATTR_TEXT: Final = "text"
+ATTR_RX_TIME: Final = "rx_time"  # POSIX seconds
+ATTR_SNR: Final = "snr"  # dB
+ATTR_RSSI: Final = "rssi"  # dBm
+ATTR_VIA_MQTT: Final = "via_mqtt"
+ATTR_PACKET_ID: Final = "packet_id"
+DESTINATION_BROADCAST: Final = "^all"
+
+# Repair issue translation keys; issue ids are "<key>_<entry id>".
+ISSUE_MQTT_DISABLED: Final = "node_mqtt_disabled"
+ISSUE_PROXY_TO_CLIENT_DISABLED: Final = "node_proxy_to_client_disabled"
 ISSUE_BROKER_AUTH: Final = "broker_auth_failed"
 ISSUE_BROKER_ADDRESS: Final = "invalid_broker_address"
 
+# -- actions ---------------------------------------------------------------------
+
 SERVICE_SEND_TEXT: Final = "send_text"
+# send_text targets an entry either by ATTR_CONFIG_ENTRY_ID or by
+# homeassistant.const ATTR_DEVICE_ID (exactly one of them); it also takes
+# ATTR_TEXT, ATTR_CHANNEL and ATTR_DESTINATION (a node id, omitted = broadcast).
 ATTR_CONFIG_ENTRY_ID: Final = "config_entry_id"
-ATTR_TEXT: Final = "text"
-ATTR_CHANNEL: Final = "channel"
-ATTR_DESTINATION: Final = "destination"

@@ -1,22 +1,38 @@
-"""Diagnostics of MQTT Bridge: entry, node snapshot, link and proxy state, redacted."""
+"""Diagnostics of MQTT Bridge entries, by entry type, redacted.
+
+Every entry reports its title, type, version, data and options; a loaded entry
+adds what its type's function (:data:`RUNTIME_DIAGNOSTICS`) reads from the
+runtime. A node entry reports the node's handshake data, the device metrics,
+the link state and the proxy, read only through the engines' public
+attributes and the proxy's own JSON-serialisable dump
+(:meth:`.engine.proxy.MeshtasticProxy.diagnostics`: broker settings without
+password, client state and stats, subscriptions, skipped channel filters, task
+failures). Credentials, channel and PKI keys, positions and hardware
+identifiers are redacted wherever they appear.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.const import CONF_PASSWORD, CONF_USERNAME
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.redact import async_redact_data
 
-from .const import CONF_BROKER_PASSWORD, CONF_BROKER_USERNAME
-from .runtime import MqttBridgeConfigEntry
+from .const import CONF_BROKER_PASSWORD, CONF_BROKER_USERNAME, EntryType
+from .engine.proxy import MeshtasticProxy
+from .models import MqttBridgeConfigEntry, entry_type_of
+from .node_runtime import NodeRuntime
 
-TO_REDACT = {
+TO_REDACT: Final = {
     # credentials
-    "password",
-    "username",
+    CONF_PASSWORD,
+    CONF_USERNAME,
     CONF_BROKER_PASSWORD,
     CONF_BROKER_USERNAME,
     # channel keys and PKI keys
@@ -37,27 +53,28 @@ TO_REDACT = {
 
 
 def _message(message: Message | None) -> dict[str, Any] | None:
-    """Return a protobuf message as a dict with its proto field names (snake_case)."""
+    """Return a protobuf message as a dict with its proto field names (snake_case).
+
+    Fields without presence are included with their defaults, so a setting that
+    is off shows as ``false`` instead of being absent.
+    """
     if message is None:
         return None
-    try:
-        return MessageToDict(
-            message,
-            preserving_proto_field_name=True,
-            always_print_fields_with_no_presence=True,
-        )
-    except TypeError:  # protobuf < 5.26 names the option differently
-        return MessageToDict(message, preserving_proto_field_name=True)
+    return MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
 
 
-async def async_get_config_entry_diagnostics(
-    hass: HomeAssistant, entry: MqttBridgeConfigEntry
-) -> dict[str, Any]:
-    """Return the diagnostics of one config entry."""
-    runtime = entry.runtime_data
-    link, proxy = runtime.link, runtime.proxy
-    snapshot = runtime.snapshot
+def _proxy_diagnostics(proxy: MeshtasticProxy) -> dict[str, Any]:
+    """Return the engine's own dump of the proxy, plus the entities' broker state."""
+    return {"broker_connected": proxy.broker_connected, **proxy.diagnostics()}
 
+
+def _node_diagnostics(runtime: NodeRuntime) -> dict[str, Any]:
+    """Return a node entry's node snapshot, metrics, link and proxy state."""
+    link, snapshot = runtime.link, runtime.snapshot
     node: dict[str, Any] | None = None
     if snapshot is not None:
         node = {
@@ -73,15 +90,7 @@ async def async_get_config_entry_diagnostics(
             "lora": _message(snapshot.lora),
             "mqtt": _message(snapshot.mqtt),
         }
-
-    broker = proxy.broker
-    broker_settings = proxy.broker_settings
-    data = {
-        "entry": {
-            "title": entry.title,
-            "data": dict(entry.data),
-            "options": dict(entry.options),
-        },
+    return {
         "node": node,
         "metrics": _message(link.metrics),
         "link": {
@@ -89,26 +98,33 @@ async def async_get_config_entry_diagnostics(
             "connection": runtime.connection,
             "stats": asdict(link.stats),
         },
-        "proxy": {
-            "status": proxy.status.value,
-            "error": proxy.error,
-            "missing_settings": [str(item) for item in proxy.missing_settings],
-            "gateway_id": proxy.gateway_id,
-            "broker_connected": proxy.broker_connected,
-            "broker": asdict(broker_settings) if broker_settings else None,
-            "broker_state": broker.state.value if broker is not None else None,
-            "broker_stats": asdict(broker.stats) if broker is not None else None,
-            "subscriptions": sorted(proxy.subscriptions),
-            "uplink_queue_depth": proxy.uplink_queue_depth,
-            "downlink_queue_depth": proxy.downlink_queue_depth,
-            "stats": {
-                "uplink_messages": proxy.stats.uplink_messages,
-                "downlink_messages": proxy.stats.downlink_messages,
-                "dropped_total": proxy.stats.dropped_total,
-                "dropped": dict(proxy.stats.dropped),
-                "last_uplink": proxy.stats.last_uplink,
-                "last_downlink": proxy.stats.last_downlink,
-            },
+        "proxy": _proxy_diagnostics(runtime.proxy),
+    }
+
+
+# What a loaded entry of each type adds, read from its runtime_data (the
+# runtime class __init__.RUNTIMES maps the type to).
+RUNTIME_DIAGNOSTICS: Final[dict[EntryType, Callable[[Any], dict[str, Any]]]] = {
+    EntryType.MESHTASTIC_NODE: _node_diagnostics,
+}
+
+
+async def async_get_config_entry_diagnostics(
+    hass: HomeAssistant, entry: MqttBridgeConfigEntry
+) -> dict[str, Any]:
+    """Return the diagnostics of one config entry (loaded or not)."""
+    entry_type = entry_type_of(entry)
+    data: dict[str, Any] = {
+        "entry": {
+            "title": entry.title,
+            "entry_type": entry_type.value if entry_type is not None else None,
+            "version": f"{entry.version}.{entry.minor_version}",
+            "state": entry.state.value,
+            "data": dict(entry.data),
+            "options": dict(entry.options),
         },
     }
+    build = RUNTIME_DIAGNOSTICS.get(entry_type) if entry_type is not None else None
+    if build is not None and entry.state is ConfigEntryState.LOADED:
+        data |= build(entry.runtime_data)
     return async_redact_data(data, TO_REDACT)

@@ -1,4 +1,4 @@
-"""Sensors of MQTT Bridge: proxy counters, activity, node metrics, proxy status.
+"""Sensors of a Meshtastic node entry: proxy counters, activity, node metrics, status.
 
 States are written only on the runtime's rate-limited update signal (see
 :mod:`.entity`), never once per mesh message.
@@ -36,8 +36,9 @@ from homeassistant.util import dt as dt_util
 from meshtastic.protobuf import telemetry_pb2
 
 from .engine.proxy import ProxyStatus
-from .entity import MqttBridgeEntity
-from .runtime import MeshtasticRuntime, MqttBridgeConfigEntry
+from .entity import NodeEntity, node_runtime
+from .models import MqttBridgeConfigEntry
+from .node_runtime import NodeRuntime
 
 # Push entities, nothing to poll or to throttle per platform.
 PARALLEL_UPDATES = 0
@@ -48,14 +49,16 @@ BATTERY_POWERED = 100
 ATTR_EXTERNAL_POWER = "external_power"
 
 
+def _no_attributes(_runtime: NodeRuntime) -> None:
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class MqttBridgeSensorDescription(SensorEntityDescription):
     """A sensor and how to read it from the runtime."""
 
-    value_fn: Callable[[MeshtasticRuntime], StateType | datetime]
-    attributes_fn: Callable[[MeshtasticRuntime], dict[str, Any] | None] = (
-        lambda _runtime: None
-    )
+    value_fn: Callable[[NodeRuntime], StateType | datetime]
+    attributes_fn: Callable[[NodeRuntime], dict[str, Any] | None] = _no_attributes
     # Stays available while the node is disconnected.
     always_available: bool = False
 
@@ -64,39 +67,39 @@ def _timestamp(value: float | None) -> datetime | None:
     return dt_util.utc_from_timestamp(value) if value is not None else None
 
 
-def _metric(name: str) -> Callable[[MeshtasticRuntime], float | None]:
+def _metric(name: str) -> Callable[[NodeRuntime], float | None]:
     """Return a reader of one optional ``DeviceMetrics`` field."""
 
-    def read(runtime: MeshtasticRuntime) -> float | None:
+    def read(runtime: NodeRuntime) -> float | None:
         metrics = runtime.link.metrics
-        if metrics is None or not metrics.HasField(name):
+        if metrics is None or not metrics.HasField(name):  # type: ignore[arg-type]
             return None
         return round(float(getattr(metrics, name)), 3)
 
     return read
 
 
-def _battery(runtime: MeshtasticRuntime) -> int | None:
+def _battery(runtime: NodeRuntime) -> int | None:
     metrics = runtime.link.metrics
     if metrics is None or not metrics.HasField("battery_level"):
         return None
     return min(int(metrics.battery_level), BATTERY_POWERED)
 
 
-def _battery_attributes(runtime: MeshtasticRuntime) -> dict[str, Any] | None:
+def _battery_attributes(runtime: NodeRuntime) -> dict[str, Any] | None:
     metrics: telemetry_pb2.DeviceMetrics | None = runtime.link.metrics
     if metrics is None or not metrics.HasField("battery_level"):
         return None
     return {ATTR_EXTERNAL_POWER: metrics.battery_level > BATTERY_POWERED}
 
 
-def _dropped_by_reason(runtime: MeshtasticRuntime) -> dict[str, Any]:
+def _dropped_by_reason(runtime: NodeRuntime) -> dict[str, Any]:
     """Non-zero drop counts keyed ``uplink_<reason>`` / ``downlink_<reason>``."""
     dropped = runtime.proxy.stats.dropped
     return {reason: count for reason, count in sorted(dropped.items()) if count}
 
 
-def _proxy_status(runtime: MeshtasticRuntime) -> str:
+def _proxy_status(runtime: NodeRuntime) -> str:
     status = runtime.proxy.status
     if status is ProxyStatus.RUNNING and not runtime.available:
         return ProxyStatus.WAITING_FOR_NODE.value
@@ -204,14 +207,15 @@ async def async_setup_entry(
     entry: MqttBridgeConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the sensors of the entry's node and proxy."""
-    runtime = entry.runtime_data
+    """Add the sensors of a node entry's node and proxy."""
+    if (runtime := node_runtime(entry)) is None:
+        return
     async_add_entities(
         MqttBridgeSensor(runtime, description) for description in SENSORS
     )
 
 
-class MqttBridgeSensor(MqttBridgeEntity, SensorEntity):
+class MqttBridgeSensor(NodeEntity, SensorEntity):
     """A sensor computed from the runtime when the update signal arrives."""
 
     entity_description: MqttBridgeSensorDescription

@@ -1,18 +1,25 @@
 """Actions of the MQTT Bridge integration: ``mqtt_bridge.send_text``.
 
-Registered once in ``async_setup`` (quality scale: action-setup); the handler
-resolves the config entry per call from ``call.data`` and raises translated
-``ServiceValidationError`` for bad input and ``HomeAssistantError`` when the
-node cannot take the message. No service helper that takes ``hass`` (removed
-in 2026.10) is used.
+Registered once in ``async_setup`` (quality scale: action-setup). The handler
+finds the target entry per call, by ``config_entry_id`` or by the node's
+``device_id`` (exactly one of them), requires a loaded Meshtastic node entry
+and hands the message to :meth:`.node_runtime.NodeRuntime.async_send_text`,
+the one place that validates and sends it. Bad input raises translated
+``ServiceValidationError``s, a node that cannot take the message a translated
+``HomeAssistantError``. No service helper that takes ``hass`` (removed in
+2026.10) and no deprecated device registry lookup (``async_get_device``,
+``DeviceEntry.config_entries``, 2026.8) is used.
 """
 
 from __future__ import annotations
 
-from homeassistant.config_entries import ConfigEntryState
+from collections.abc import Mapping
+from typing import Any
+
+from homeassistant.config_entries import ConfigEntry, ConfigEntryState
+from homeassistant.const import ATTR_DEVICE_ID
 from homeassistant.core import HomeAssistant, ServiceCall, callback
-from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
-from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers import config_validation as cv, device_registry as dr
 import voluptuous as vol
 
 from .const import (
@@ -23,16 +30,15 @@ from .const import (
     DOMAIN,
     SERVICE_SEND_TEXT,
 )
-from .engine.node_link import LinkNotReadyError
-from .engine.rules import MAX_TEXT_BYTES, node_id, parse_node_id
-from .runtime import MeshtasticRuntime, MqttBridgeConfigEntry
+from .models import validation_error
+from .node_runtime import NodeRuntime
 
-MAX_CHANNEL_INDEX = 7
-
-# Types only: ranges are checked in the handler so errors are translated.
+# Types only: targets, lengths and ranges are checked by the handler and the
+# runtime so that every error is translated.
 SEND_TEXT_SCHEMA = vol.Schema(
     {
-        vol.Required(ATTR_CONFIG_ENTRY_ID): cv.string,
+        vol.Optional(ATTR_CONFIG_ENTRY_ID): cv.string,
+        vol.Optional(ATTR_DEVICE_ID): cv.string,
         vol.Required(ATTR_TEXT): cv.string,
         vol.Optional(ATTR_CHANNEL, default=0): vol.Coerce(int),
         vol.Optional(ATTR_DESTINATION): cv.string,
@@ -48,77 +54,54 @@ def async_setup_services(hass: HomeAssistant) -> None:
     )
 
 
-def _validation_error(key: str, **placeholders: str) -> ServiceValidationError:
-    return ServiceValidationError(
-        translation_domain=DOMAIN,
-        translation_key=key,
-        translation_placeholders=placeholders or None,
-    )
+def _entry_of_device(hass: HomeAssistant, device_id: str) -> ConfigEntry:
+    """Return the entry of this integration that owns device ``device_id``."""
+    registry = dr.async_get(hass)
+    for entry in hass.config_entries.async_entries(DOMAIN):
+        if any(
+            device.id == device_id
+            for device in dr.async_entries_for_config_entry(registry, entry.entry_id)
+        ):
+            return entry
+    raise validation_error("device_not_found", device_id=device_id)
 
 
-def _loaded_runtime(hass: HomeAssistant, entry_id: str) -> MeshtasticRuntime:
-    """Return the runtime of a loaded entry of this integration."""
-    entry: MqttBridgeConfigEntry | None = hass.config_entries.async_get_entry(entry_id)
-    if entry is None or entry.domain != DOMAIN:
-        raise _validation_error("entry_not_found", entry_id=entry_id)
+def _node_runtime(hass: HomeAssistant, data: Mapping[str, Any]) -> NodeRuntime:
+    """Return the runtime of the loaded node entry the call targets.
+
+    Raises:
+        ServiceValidationError: ``missing_target`` / ``conflicting_target`` (not
+            exactly one of ``config_entry_id`` and ``device_id``),
+            ``entry_not_found``, ``device_not_found``, ``entry_not_loaded``,
+            ``not_a_node`` (an entry of another type).
+
+    """
+    entry_id: str | None = data.get(ATTR_CONFIG_ENTRY_ID)
+    device_id: str | None = data.get(ATTR_DEVICE_ID)
+    if entry_id and device_id:
+        raise validation_error("conflicting_target")
+    if device_id:
+        entry = _entry_of_device(hass, device_id)
+    elif entry_id:
+        found = hass.config_entries.async_get_entry(entry_id)
+        if found is None or found.domain != DOMAIN:
+            raise validation_error("entry_not_found", entry_id=entry_id)
+        entry = found
+    else:
+        raise validation_error("missing_target")
     if entry.state is not ConfigEntryState.LOADED:
-        raise _validation_error("entry_not_loaded", name=entry.title)
-    return entry.runtime_data
+        raise validation_error("entry_not_loaded", name=entry.title)
+    runtime = entry.runtime_data
+    if not isinstance(runtime, NodeRuntime):
+        raise validation_error("not_a_node", name=entry.title)
+    return runtime
 
 
 async def _async_send_text(call: ServiceCall) -> None:
-    """Send a text message to the mesh through the entry's node."""
-    runtime = _loaded_runtime(call.hass, call.data[ATTR_CONFIG_ENTRY_ID])
-    name = runtime.entry.title
-
-    text: str = call.data[ATTR_TEXT]
-    size = len(text.encode())
-    if not 0 < size <= MAX_TEXT_BYTES:
-        raise _validation_error(
-            "invalid_text_length", length=str(size), max=str(MAX_TEXT_BYTES)
-        )
-
-    channel: int = call.data[ATTR_CHANNEL]
-    if not 0 <= channel <= MAX_CHANNEL_INDEX:
-        raise _validation_error("invalid_channel", channel=str(channel))
-    snapshot = runtime.snapshot
-    if snapshot is not None and (
-        channel >= len(snapshot.channels) or snapshot.channels[channel].role == 0
-    ):
-        raise _validation_error("channel_disabled", channel=str(channel), name=name)
-
-    destination: int | None = None
-    if (raw := call.data.get(ATTR_DESTINATION)) is not None and raw.strip():
-        try:
-            destination = parse_node_id(raw)
-        except ValueError:
-            raise _validation_error("invalid_destination", destination=raw) from None
-
-    if not runtime.available:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="node_not_connected",
-            translation_placeholders={"name": name},
-        )
-    try:
-        status = await runtime.async_send_text(
-            text, channel=channel, destination=destination
-        )
-    except LinkNotReadyError as err:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="node_not_connected",
-            translation_placeholders={"name": name},
-        ) from err
-    except ValueError as err:
-        raise _validation_error("send_invalid", error=str(err)) from err
-    if status is not None and status.res != 0:
-        raise HomeAssistantError(
-            translation_domain=DOMAIN,
-            translation_key="send_rejected",
-            translation_placeholders={
-                "name": name,
-                "result": str(status.res),
-                "destination": "^all" if destination is None else node_id(destination),
-            },
-        )
+    """Send a text message to the mesh through the target entry's node."""
+    runtime = _node_runtime(call.hass, call.data)
+    await runtime.async_send_text(
+        call.data[ATTR_TEXT],
+        channel=call.data[ATTR_CHANNEL],
+        destination=call.data.get(ATTR_DESTINATION),
+    )
