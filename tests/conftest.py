@@ -18,6 +18,7 @@ import pytest
 from custom_components.mqtt_bridge.const import DOMAIN  # noqa: F401
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
+from devkit.rabbitmq import RabbitMQ, rabbitmq_broker
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +83,21 @@ async def node(mosquitto: Mosquitto) -> AsyncIterator[SimulatedNode]:
     await sim.start_tcp()
     yield sim
     await sim.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_session() -> Iterator[RabbitMQ]:
+    """One RabbitMQ (MQTT 3.1.1 only, anonymous) for the session, started on first use.
+
+    Fails, never skips, when RabbitMQ is not installed (scripts/setup installs it).
+    """
+    yield from rabbitmq_broker()
+
+
+@pytest.fixture
+def rabbitmq(rabbitmq_session: RabbitMQ) -> RabbitMQ:
+    """The session RabbitMQ; restarted if a test left it stopped or killed."""
+    if rabbitmq_session.proc is None or rabbitmq_session.proc.poll() is not None:
+        rabbitmq_session.stop()
+        rabbitmq_session.start()
+    return rabbitmq_session
