@@ -15,9 +15,13 @@ import aiomqtt
 from meshtastic.protobuf import config_pb2, mesh_pb2, mqtt_pb2, portnums_pb2
 import pytest
 
-from custom_components.mqtt_bridge.engine.broker import BrokerState
+from custom_components.mqtt_bridge.engine.backoff import Backoff
+from custom_components.mqtt_bridge.engine.mqtt_client import (
+    ClientState as BrokerState,
+    MqttClient,
+    MqttSettings,
+)
 from custom_components.mqtt_bridge.engine.node_link import (
-    Backoff,
     LinkState,
     NodeLink,
     serial_connector,
@@ -29,6 +33,7 @@ from custom_components.mqtt_bridge.engine.proxy import (
     ProxyOptions,
     ProxyStatus,
 )
+from custom_components.mqtt_bridge.engine.publish_queue import DropReason
 from custom_components.mqtt_bridge.engine.rules import ProxyRequirement
 from custom_components.mqtt_bridge.engine.stream import encode_frame
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
@@ -265,7 +270,7 @@ async def test_resubscribes_after_node_config_change(make_node, mosquitto) -> No
             )
         )
         assert run.link.stats.handshakes == 2
-        assert run.proxy.broker is not None
+        assert run.proxy.client is not None
         await wait_for(lambda: run.proxy.broker_connected)
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"msh/2/e/Team/{REMOTE}", envelope("Team"), qos=1)
@@ -353,8 +358,8 @@ async def test_broker_outage_queues_and_flushes_uplinks(
     broker = private_mosquitto
     node = await tcp_node(make_node, broker)
     async with running_proxy(node) as run:
-        assert run.proxy.broker is not None
-        run.proxy.broker.backoff = Backoff(base=30, cap=30)
+        assert run.proxy.client is not None
+        run.proxy.client.backoff = Backoff(base=30, cap=30)
         broker.kill()
         await wait_for(lambda: not run.proxy.broker_connected)
         for i in range(5):
@@ -363,7 +368,7 @@ async def test_broker_outage_queues_and_flushes_uplinks(
         assert run.link.state is LinkState.READY  # the node link does not care
         broker.start()
         async with subscriber(broker) as sub:
-            run.proxy.broker.reconnect_now()
+            run.proxy.client.reconnect_now()
             await wait_for(lambda: len(sub.messages) == 5)
             texts = [
                 mqtt_pb2.ServiceEnvelope.FromString(p).packet for p in sub.payloads()
@@ -379,8 +384,8 @@ async def test_uplink_queue_is_bounded_drop_oldest(
     broker = private_mosquitto
     node = await tcp_node(make_node, broker)
     async with running_proxy(node, ProxyOptions(uplink_queue_size=3)) as run:
-        assert run.proxy.broker is not None
-        run.proxy.broker.backoff = Backoff(base=30, cap=30)
+        assert run.proxy.client is not None
+        run.proxy.client.backoff = Backoff(base=30, cap=30)
         broker.kill()
         await wait_for(lambda: not run.proxy.broker_connected)
         for i in range(5):
@@ -388,7 +393,7 @@ async def test_uplink_queue_is_bounded_drop_oldest(
         await wait_for(lambda: run.proxy.stats.dropped["uplink_queue_full"] == 2)
         broker.start()
         async with subscriber(broker) as sub:
-            run.proxy.broker.reconnect_now()
+            run.proxy.client.reconnect_now()
             await wait_for(lambda: len(sub.messages) == 3)
             assert sub.payloads() == [b"m2", b"m3", b"m4"]
 
@@ -400,8 +405,8 @@ async def test_node_reconnect_keeps_broker_session(make_node, mosquitto) -> None
         await wait_for(lambda: run.link.stats.handshakes == 2)
         node.receive_text(0xCAFE0002, "after reconnect")
         await wait_for(lambda: len(sub.messages) == 1)
-        assert run.proxy.broker is not None
-        assert run.proxy.broker.stats.connects == 1
+        assert run.proxy.client is not None
+        assert run.proxy.client.stats.connects == 1
 
 
 async def test_downlinks_held_while_node_away(make_node, mosquitto) -> None:
@@ -448,7 +453,7 @@ async def test_missing_node_settings_reported(make_node, mosquitto) -> None:
     async with running_proxy(node, wait_broker=False) as run:
         await wait_for(lambda: run.proxy.status is ProxyStatus.NODE_SETTINGS_MISSING)
         assert run.proxy.missing_settings == [ProxyRequirement.PROXY_TO_CLIENT]
-        assert run.proxy.broker is None
+        assert run.proxy.client is None
 
 
 async def test_empty_address_uses_public_server_defaults(make_node) -> None:
@@ -466,8 +471,8 @@ async def test_empty_address_uses_public_server_defaults(make_node) -> None:
         assert (settings.username, settings.password) == ("meshdev", "large4cats")
         assert run.proxy.subscriptions == {"msh/2/e/LongFast/+", "msh/2/e/PKI/+"}
         # No internet here: the attempt fails, is counted, and nothing crashes.
-        assert run.proxy.broker is not None
-        await wait_for(lambda: run.proxy.broker.stats.failures >= 1)
+        assert run.proxy.client is not None
+        await wait_for(lambda: run.proxy.client.stats.failures >= 1)
         assert run.link.state is LinkState.READY
 
 
@@ -479,11 +484,11 @@ async def test_tls_broker_self_signed(make_node) -> None:
         )
         await node.start_tcp()
         async with running_proxy(node, wait_broker=False) as run:
-            assert run.proxy.broker is not None
-            await wait_for(lambda: run.proxy.broker.stats.failures >= 1)
+            assert run.proxy.client is not None
+            await wait_for(lambda: run.proxy.client.stats.failures >= 1)
             assert not run.proxy.broker_connected
             assert "CERTIFICATE_VERIFY_FAILED" in (
-                run.proxy.broker.stats.last_error or ""
+                run.proxy.client.stats.last_error or ""
             )
         async with running_proxy(node, ProxyOptions(verify_tls=False)) as run:
             assert run.proxy.broker_settings is not None
@@ -506,11 +511,11 @@ async def test_rejected_credentials_stop_retrying(make_node) -> None:
         await node.start_tcp()
         async with running_proxy(node, wait_broker=False) as run:
             await wait_for(lambda: run.proxy.status is ProxyStatus.BROKER_AUTH_FAILED)
-            assert run.proxy.broker is not None
-            assert run.proxy.broker.state is BrokerState.AUTH_FAILED
-            failures = run.proxy.broker.stats.failures
+            assert run.proxy.client is not None
+            assert run.proxy.client.state is BrokerState.AUTH_FAILED
+            failures = run.proxy.client.stats.failures
             await asyncio.sleep(0.3)
-            assert run.proxy.broker.stats.failures == failures  # no retry loop
+            assert run.proxy.client.stats.failures == failures  # no retry loop
             assert run.link.state is LinkState.READY
         override = BrokerOverride(
             "127.0.0.1", broker.port, username="hauser", password="right"
@@ -527,8 +532,13 @@ async def test_broker_override_replaces_node_broker(make_node, mosquitto) -> Non
         async with subscriber(mosquitto) as sub:
             node.receive_text(0xCAFE0002, "via override")
             await wait_for(lambda: len(sub.messages) == 1)
-        assert run.proxy.broker_settings is not None
-        assert run.proxy.broker_settings.root == "msh"
+        settings = run.proxy.broker_settings
+        assert settings is not None
+        assert (settings.host, settings.port) == ("127.0.0.1", mosquitto.port)
+        # The topic root still comes from the node.
+        assert run.proxy.broker is not None
+        assert run.proxy.broker.root == "msh"
+        assert run.proxy.broker.settings is settings
 
 
 async def test_serial_link_over_pty(make_node, mosquitto) -> None:
@@ -733,12 +743,16 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert backoff.next_delay() <= 1.0
 
 
-async def test_cancel_during_broker_connect_leaves_nothing() -> None:
-    """Unload while CONNECT waits for CONNACK: no aiomqtt task or socket remains."""
-    from custom_components.mqtt_bridge.engine.broker import BrokerClient
-    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+def _registered_fds() -> set[int]:
+    """File descriptors the running event loop watches (reader or writer)."""
+    selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+    return set(selector.get_map())
 
+
+async def test_cancel_during_broker_connect_leaves_nothing() -> None:
+    """Unload while CONNECT waits for CONNACK: no task, timer or socket remains."""
     accepted = asyncio.Event()
+    closed_by_client = asyncio.Event()
     writers: list[asyncio.StreamWriter] = []
 
     async def silent(
@@ -747,21 +761,27 @@ async def test_cancel_during_broker_connect_leaves_nothing() -> None:
         writers.append(writer)
         accepted.set()
         with contextlib.suppress(ConnectionError):
-            await reader.read(4096)  # the CONNECT packet; never answered
+            while await reader.read(4096):  # the CONNECT packet; never answered
+                pass
+            closed_by_client.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = BrokerClient(
-        BrokerSettings("127.0.0.1", port, False, None, None, "msh"),
-        client_id="cancel-test",
-        on_message=lambda *_: None,
-    )
+    fds_before = _registered_fds()
+    tasks_before = asyncio.all_tasks()
+    client = MqttClient(MqttSettings("127.0.0.1", port), client_id="cancel-test")
     task = asyncio.create_task(client.run())
     try:
         async with asyncio.timeout(5):
             await accepted.wait()
         await asyncio.sleep(0.05)
         assert client.state is BrokerState.CONNECTING
+        assert len(_registered_fds()) > len(fds_before)  # the socket is watched
+        task.cancel()
+        await asyncio.wait({task})
+        # The client closed its socket: the server sees EOF.
+        async with asyncio.timeout(5):
+            await closed_by_client.wait()
     finally:
         task.cancel()
         await asyncio.wait({task})
@@ -769,12 +789,11 @@ async def test_cancel_during_broker_connect_leaves_nothing() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
-    await asyncio.sleep(0)  # let aiomqtt's socket-close callback cancel its task
     assert client.state is BrokerState.STOPPED
-    leftovers = [t for t in asyncio.all_tasks() if "misc_loop" in repr(t.get_coro())]
-    for leftover in leftovers:
-        await asyncio.wait({leftover}, timeout=1)
-    assert all(t.done() for t in leftovers)
+    assert client.connected is False
+    assert _registered_fds() <= fds_before
+    leftovers = asyncio.all_tasks() - tasks_before - {asyncio.current_task()}
+    assert {t for t in leftovers if not t.done()} == set()
 
 
 async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
@@ -783,8 +802,8 @@ async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
     broker = private_mosquitto
     node = await tcp_node(make_node, broker)
     async with running_proxy(node) as run:
-        assert run.proxy.broker is not None
-        run.proxy.broker.backoff = Backoff(base=30, cap=30)
+        assert run.proxy.client is not None
+        run.proxy.client.backoff = Backoff(base=30, cap=30)
         sent: list[bytes] = []
         after_outage: list[bytes] = []
 
@@ -805,7 +824,7 @@ async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
         assert after_outage, "the outage began while messages were flowing"
         broker.start()
         async with subscriber(broker) as after:
-            run.proxy.broker.reconnect_now()
+            run.proxy.client.reconnect_now()
             await wait_for(lambda: run.proxy.uplink_queue_depth == 0)
             await wait_for(lambda: set(after_outage) <= set(after.payloads()))
             delivered = after.payloads()
@@ -816,30 +835,31 @@ async def test_broker_killed_mid_stream_delivers_held_uplinks_in_order(
         # At-least-once: anything the broker had not acknowledged is sent again.
         everything = set(before.payloads()) | set(delivered)
         missing = [p for p in sent if p not in everything]
-        assert len(missing) <= run.proxy.broker.inflight
+        assert len(missing) <= run.proxy.client.inflight
 
 
 def test_requeue_overflow_is_counted_and_keeps_order() -> None:
     """Unacknowledged messages put back into a full queue drop (and count) the oldest."""
-    from custom_components.mqtt_bridge.engine.broker import (
-        BrokerClient,
-        OutgoingMessage,
-    )
-    from custom_components.mqtt_bridge.engine.rules import BrokerSettings
+    from tests.test_publish_queue import Counts, FakeClient, make_queue
 
-    dropped: list[int] = []
-    client = BrokerClient(
-        BrokerSettings("127.0.0.1", 1883, False, None, None, "msh"),
-        client_id="requeue-test",
-        on_message=lambda *_: None,
-        on_dropped=dropped.append,
-        queue_size=3,
-    )
-    client._seq = 3  # messages 1-3 were published earlier and are in flight
+    client = FakeClient()
+    counts = Counts()
+    queue = make_queue(client, counts, size=3, window=3)
+    for n in (1, 2, 3):
+        queue.put("t", b"%d" % n)  # written at once: in flight
+    assert queue.in_flight == 3
+    client._connected = False  # the session is going away
     for n in (4, 5):
-        client.publish("t", b"%d" % n)  # no session: both wait in the queue
-    in_flight = [OutgoingMessage("t", b"%d" % n, False, n) for n in (3, 1, 2)]
-    client._requeue(in_flight)
-    assert [m.payload for m in client._queue] == [b"3", b"4", b"5"]
-    assert dropped == [2]
-    assert client.stats.dropped == 2
+        queue.put("t", b"%d" % n)  # no session: both wait in the queue
+    assert queue.depth == 2
+    # The session ends; the broker acknowledged none of 1-3, reported 3, 1, 2.
+    client.in_flight = [client.in_flight[i] for i in (2, 0, 1)]
+    client.lose()
+    assert [m.payload for m in queue._queue] == [b"3", b"4", b"5"]
+    assert counts.dropped == {DropReason.QUEUE_FULL: 2}
+    assert sum(counts.dropped.values()) == 2
+    # In sequence order again once the broker is back.
+    client.connect()
+    assert client.payloads() == [b"3"]  # a suspect goes alone
+    client.ack()
+    assert client.payloads() == [b"4", b"5"]

@@ -12,11 +12,13 @@ from meshtastic.protobuf import (
 import pytest
 
 from custom_components.mqtt_bridge.engine import rules
+from custom_components.mqtt_bridge.engine.mqtt_client import MqttSettings
 from custom_components.mqtt_bridge.engine.rules import (
-    BrokerSettings,
     DownlinkDrop,
     InvalidAddressError,
+    NodeBroker,
     ProxyRequirement,
+    SubscriptionPlan,
     UplinkDrop,
     broker_from_node,
     check_downlink,
@@ -27,6 +29,10 @@ from custom_components.mqtt_bridge.engine.stream import (
     FrameDecoder,
     FrameTooLargeError,
     encode_frame,
+)
+from custom_components.mqtt_bridge.engine.topics import (
+    TopicProblem,
+    topic_name_problem,
 )
 
 Preset = config_pb2.Config.LoRaConfig.ModemPreset
@@ -83,10 +89,10 @@ def test_subscriptions_blank_primary_medium_fast() -> None:
     channels = [_channel(0, role=Role.PRIMARY)] + [
         _channel(i, role=Role.DISABLED) for i in range(1, 8)
     ]
-    assert subscription_filters("msh/EU_868", channels, _lora(Preset.MEDIUM_FAST)) == [
-        "msh/EU_868/2/e/MediumFast/+",
-        "msh/EU_868/2/e/PKI/+",
-    ]
+    plan = subscription_filters("msh/EU_868", channels, _lora(Preset.MEDIUM_FAST))
+    assert plan == SubscriptionPlan(
+        ["msh/EU_868/2/e/MediumFast/+", "msh/EU_868/2/e/PKI/+"], {}
+    )
 
 
 def test_subscriptions_several_channels_only_downlink_ones() -> None:
@@ -97,28 +103,81 @@ def test_subscriptions_several_channels_only_downlink_ones() -> None:
         _channel(3, "Ghost", role=Role.DISABLED),
         _channel(4, "", downlink=True),
     ]
-    assert subscription_filters("", channels, _lora(Preset.LONG_MODERATE)) == [
+    plan = subscription_filters("", channels, _lora(Preset.LONG_MODERATE))
+    assert plan.filters == [
         "msh/2/e/Family/+",
         "msh/2/e/LongMod/+",
         "msh/2/e/PKI/+",
     ]
+    assert plan.invalid == {}
 
 
 def test_subscriptions_presets_off_and_none_without_downlink() -> None:
     channels = [_channel(0, role=Role.PRIMARY)]
-    assert subscription_filters("msh", channels, _lora(use_preset=False)) == [
+    assert subscription_filters("msh", channels, _lora(use_preset=False)).filters == [
         "msh/2/e/Custom/+",
         "msh/2/e/PKI/+",
     ]
     no_downlink = [_channel(0, role=Role.PRIMARY, downlink=False)]
-    assert subscription_filters("msh", no_downlink, _lora()) == []
+    assert subscription_filters("msh", no_downlink, _lora()) == SubscriptionPlan([], {})
 
 
 def test_subscriptions_never_hash() -> None:
     channels = [_channel(i, f"C{i}") for i in range(8)]
-    filters = subscription_filters("msh", channels, _lora())
+    filters = subscription_filters("msh", channels, _lora()).filters
     assert all("#" not in f for f in filters)
     assert len(filters) == 9
+
+
+def test_subscriptions_skip_channel_names_that_are_not_topic_levels() -> None:
+    # Channel names are free text in the apps; "+" must never become a wildcard.
+    channels = [
+        _channel(0, "Normal", role=Role.PRIMARY),
+        _channel(1, "C#"),
+        _channel(2, "x+y"),
+        _channel(3, "+"),
+        _channel(4, "ch\x01"),
+        _channel(5, "#"),
+        _channel(6, "nul\x00"),
+    ]
+    plan = subscription_filters("msh", channels, _lora())
+    assert plan.filters == ["msh/2/e/Normal/+", "msh/2/e/PKI/+"]
+    assert plan.invalid == {
+        "C#": TopicProblem.WILDCARD,
+        "x+y": TopicProblem.WILDCARD,
+        "+": TopicProblem.WILDCARD,
+        "ch\x01": TopicProblem.CONTROL_CHARACTER,
+        "#": TopicProblem.WILDCARD,
+        "nul\x00": TopicProblem.NULL_CHARACTER,
+    }
+    assert "msh/2/e/+/+" not in plan.filters
+
+
+def test_subscriptions_only_bad_channels_still_subscribe_pki() -> None:
+    plan = subscription_filters("msh", [_channel(0, "+", role=Role.PRIMARY)], _lora())
+    assert plan.filters == ["msh/2/e/PKI/+"]
+    assert plan.invalid == {"+": TopicProblem.WILDCARD}
+
+
+@pytest.mark.parametrize(
+    ("root", "problem"),
+    [
+        ("msh#", TopicProblem.WILDCARD),
+        ("msh/+", TopicProblem.WILDCARD),
+        ("msh\x7f", TopicProblem.CONTROL_CHARACTER),
+    ],
+)
+def test_subscriptions_invalid_root_subscribes_nothing(
+    root: str, problem: TopicProblem
+) -> None:
+    channels = [_channel(0, "Normal", role=Role.PRIMARY)]
+    plan = subscription_filters(root, channels, _lora())
+    assert plan == SubscriptionPlan([], {f"root:{root}": problem})
+
+
+def test_subscriptions_invalid_root_without_downlink_is_not_reported() -> None:
+    channels = [_channel(0, "Normal", role=Role.PRIMARY, downlink=False)]
+    assert subscription_filters("msh#", channels, _lora()) == SubscriptionPlan([], {})
 
 
 def test_missing_proxy_settings() -> None:
@@ -138,14 +197,28 @@ def test_missing_proxy_settings() -> None:
 
 
 def test_empty_address_is_public_server_with_defaults_and_tls() -> None:
-    settings = broker_from_node(MQTTConfig(enabled=True))
-    assert settings == BrokerSettings(
-        "mqtt.meshtastic.org", 8883, True, "meshdev", "large4cats", "msh", True
+    broker = broker_from_node(MQTTConfig(enabled=True))
+    assert broker == NodeBroker(
+        MqttSettings(
+            "mqtt.meshtastic.org",
+            8883,
+            tls=True,
+            verify_tls=True,
+            username="meshdev",
+            password="large4cats",
+        ),
+        "msh",
     )
+    assert "large4cats" not in repr(broker)
+
+
+def test_node_broker_root_defaults_to_msh_for_any_address() -> None:
+    assert broker_from_node(MQTTConfig(address="10.0.0.2")).root == "msh"
+    assert broker_from_node(MQTTConfig(address="10.0.0.2", root="x/y")).root == "x/y"
 
 
 def test_host_port_and_root() -> None:
-    settings = broker_from_node(
+    broker = broker_from_node(
         MQTTConfig(
             address="broker.example.com:1884",
             username="u",
@@ -153,28 +226,29 @@ def test_host_port_and_root() -> None:
             root="msh/US",
         )
     )
+    settings = broker.settings
     assert (settings.host, settings.port, settings.tls) == (
         "broker.example.com",
         1884,
         False,
     )
-    assert (settings.username, settings.password, settings.root) == ("u", "p", "msh/US")
+    assert (settings.username, settings.password, broker.root) == ("u", "p", "msh/US")
 
 
 def test_tls_flag_selects_8883() -> None:
     # LN4CY read a misspelt field and connected to 1883 without TLS (#70).
     settings = broker_from_node(
         MQTTConfig(address="broker.example.com", tls_enabled=True)
-    )
+    ).settings
     assert (settings.port, settings.tls, settings.verify_tls) == (8883, True, True)
     insecure = broker_from_node(
         MQTTConfig(address="broker.example.com", tls_enabled=True), verify_tls=False
     )
-    assert insecure.verify_tls is False
+    assert insecure.settings.verify_tls is False
 
 
 def test_public_server_forces_tls_and_default_credentials() -> None:
-    settings = broker_from_node(MQTTConfig(address="mqtt.meshtastic.org:1883"))
+    settings = broker_from_node(MQTTConfig(address="mqtt.meshtastic.org:1883")).settings
     assert (settings.port, settings.tls, settings.username) == (8883, True, "meshdev")
 
 
@@ -304,8 +378,11 @@ def test_uplink_payloads() -> None:
     assert rules.uplink_payload(data) == (b"\x00\x01", None)
     text = mesh_pb2.MqttClientProxyMessage(topic="msh/2/map/", text='{"json":1}')
     assert rules.uplink_payload(text) == (b'{"json":1}', None)
+    # The topic is no longer checked here but when the uplink is queued
+    # (PublishQueue counts it as invalid_topic; see test_publish_queue.py).
     bad = mesh_pb2.MqttClientProxyMessage(topic="msh/+/x", data=b"1")
-    assert rules.uplink_payload(bad)[1] is UplinkDrop.INVALID_TOPIC
+    assert rules.uplink_payload(bad) == (b"1", None)
+    assert topic_name_problem(bad.topic) is TopicProblem.WILDCARD
     empty = mesh_pb2.MqttClientProxyMessage(topic="msh/x")
     assert rules.uplink_payload(empty)[1] is UplinkDrop.NO_PAYLOAD
 
