@@ -37,8 +37,13 @@ def _sink() -> tuple[list[Message], object]:
     return received, received.append
 
 
+def _pending(registry: SubscriptionRegistry) -> list[tuple[str, SubscribeOptions]]:
+    """``take_pending`` without the subscription identifiers."""
+    return [(f, options) for f, options, _identifier in registry.take_pending()]
+
+
 def _grant_all(registry: SubscriptionRegistry) -> list[str]:
-    sent = [f for f, _ in registry.take_pending()]
+    sent = [f for f, _ in _pending(registry)]
     for topic_filter in sent:
         registry.acknowledged(topic_filter, None)
     return sent
@@ -53,9 +58,9 @@ def test_add_asks_for_subscribe_then_tracks_suback() -> None:
     assert sub.state is FilterState.PENDING
     assert reg.filters == {"a/+"}
     assert reg.granted == frozenset()
-    assert reg.take_pending() == [("a/+", SubscribeOptions(qos=0))]
+    assert _pending(reg) == [("a/+", SubscribeOptions(qos=0))]
     assert sub.state is FilterState.SENT
-    assert reg.take_pending() == []  # sent once
+    assert _pending(reg) == []  # sent once
     reg.acknowledged("a/+", None)
     assert sub.state is FilterState.GRANTED
     assert reg.granted == {"a/+"}
@@ -67,7 +72,7 @@ def test_take_pending_is_sorted_by_filter() -> None:
     reg = SubscriptionRegistry()
     for topic_filter in ("c", "a/#", "b/+", "$share/g/z"):
         reg.add(topic_filter, lambda _m: None)
-    assert [f for f, _ in reg.take_pending()] == ["$share/g/z", "a/#", "b/+", "c"]
+    assert [f for f, _ in _pending(reg)] == ["$share/g/z", "a/#", "b/+", "c"]
 
 
 def test_options_merged_over_consumers() -> None:
@@ -77,7 +82,7 @@ def test_options_merged_over_consumers() -> None:
         qos=0, no_local=True, retain_as_published=False, retain_handling=RH.DONT_SEND
     )
     reg.add("t/#", lambda _m: None, first)
-    assert reg.take_pending() == [("t/#", first)]
+    assert _pending(reg) == [("t/#", first)]
     reg.acknowledged("t/#", None)
     second = SubscribeOptions(
         qos=1, no_local=False, retain_as_published=True, retain_handling=RH.SEND_IF_NEW
@@ -85,7 +90,7 @@ def test_options_merged_over_consumers() -> None:
     sub2 = reg.add("t/#", lambda _m: None, second)
     assert rec.changes == 2
     # Highest QoS, No Local only if all ask, RAP if any asks, most generous RH.
-    assert reg.take_pending() == [
+    assert _pending(reg) == [
         (
             "t/#",
             SubscribeOptions(
@@ -102,7 +107,7 @@ def test_options_merged_over_consumers() -> None:
     sub2.cancel()
     assert rec.changes == 3
     assert reg.take_removed() == []
-    assert reg.take_pending() == [("t/#", first)]
+    assert _pending(reg) == [("t/#", first)]
     assert reg.filters == {"t/#"}
 
 
@@ -110,7 +115,7 @@ def test_qos_two_wins_and_no_local_needs_everyone() -> None:
     reg = SubscriptionRegistry()
     reg.add("q", lambda _m: None, SubscribeOptions(qos=2, no_local=True))
     reg.add("q", lambda _m: None, SubscribeOptions(qos=0, no_local=True))
-    ((_f, options),) = reg.take_pending()
+    ((_f, options),) = _pending(reg)
     assert (options.qos, options.no_local) == (2, True)
 
 
@@ -123,7 +128,7 @@ def test_same_options_without_retained_request_do_not_resubscribe() -> None:
     reg.add("t", lambda _m: None, options)
     assert rec.changes == 1
     assert reg.state_of("t") is FilterState.GRANTED
-    assert reg.take_pending() == []
+    assert _pending(reg) == []
 
 
 def test_consumer_asking_for_retained_resubscribes_granted_filter() -> None:
@@ -135,14 +140,14 @@ def test_consumer_asking_for_retained_resubscribes_granted_filter() -> None:
     late = reg.add("t", lambda _m: None, SubscribeOptions())  # SEND_ON_SUBSCRIBE
     assert rec.changes == 2
     assert late.state is FilterState.PENDING
-    ((_f, merged),) = reg.take_pending()
+    ((_f, merged),) = _pending(reg)
     assert merged.retain_handling is RH.SEND_ON_SUBSCRIBE
     # Even with identical merged options, another SEND_ON_SUBSCRIBE consumer
     # subscribes again (the broker sends the retained messages once more).
     reg.acknowledged("t", None)
     reg.add("t", lambda _m: None, SubscribeOptions())
     assert rec.changes == 3
-    assert reg.take_pending() == [("t", merged)]
+    assert _pending(reg) == [("t", merged)]
 
 
 def test_refcount_unsubscribes_with_last_consumer() -> None:
@@ -178,7 +183,7 @@ def test_filter_never_sent_is_not_unsubscribed() -> None:
     sub = reg.add("t", lambda _m: None)
     sub.cancel()
     assert reg.take_removed() == []
-    assert reg.take_pending() == []
+    assert _pending(reg) == []
     assert rec.changes == 1  # the add only
 
 
@@ -190,13 +195,13 @@ def test_take_removed_sorted_and_readd_before_sync_cancels_unsubscribe() -> None
         sub.cancel()
     reg.add("m", lambda _m: None)  # wanted again before the client synced
     assert reg.take_removed() == ["a", "z"]
-    assert reg.take_pending() == [("m", SubscribeOptions())]
+    assert _pending(reg) == [("m", SubscribeOptions())]
 
 
 def test_acknowledged_refusal_and_retry_on_new_consumer(caplog) -> None:
     reg = SubscriptionRegistry()
     sub = reg.add("$SYS/x", lambda _m: None)
-    reg.take_pending()
+    _pending(reg)
     with caplog.at_level(logging.WARNING):
         reg.acknowledged("$SYS/x", "Not authorized")
     assert sub.state is FilterState.REFUSED
@@ -208,13 +213,13 @@ def test_acknowledged_refusal_and_retry_on_new_consumer(caplog) -> None:
     reg.add("$SYS/x", lambda _m: None, SubscribeOptions(retain_handling=RH.DONT_SEND))
     assert sub.state is FilterState.PENDING
     assert reg.refused() == {}
-    assert [f for f, _ in reg.take_pending()] == ["$SYS/x"]
+    assert [f for f, _ in _pending(reg)] == ["$SYS/x"]
 
 
 def test_stale_suback_is_ignored() -> None:
     reg = SubscriptionRegistry()
     reg.add("t", lambda _m: None, SubscribeOptions(qos=0, retain_handling=RH.DONT_SEND))
-    reg.take_pending()  # SUBSCRIBE #1 in flight
+    _pending(reg)  # SUBSCRIBE #1 in flight
     reg.add("t", lambda _m: None, SubscribeOptions(qos=1, retain_handling=RH.DONT_SEND))
     reg.acknowledged("t", "refused")  # the SUBACK of #1 arrives: options changed since
     assert reg.state_of("t") is FilterState.PENDING
@@ -228,7 +233,7 @@ def test_session_lost_resubscribes_everything() -> None:
     kept = reg.add("a", lambda _m: None)
     gone = reg.add("b", lambda _m: None)
     refused = reg.add("c", lambda _m: None)
-    reg.take_pending()
+    _pending(reg)
     reg.acknowledged("a", None)
     reg.acknowledged("c", "Not authorized")
     gone.cancel()
@@ -238,7 +243,7 @@ def test_session_lost_resubscribes_everything() -> None:
     assert kept.state is FilterState.PENDING
     assert refused.state is FilterState.PENDING
     assert reg.refused() == {}
-    assert [f for f, _ in reg.take_pending()] == ["a", "c"]
+    assert [f for f, _ in _pending(reg)] == ["a", "c"]
 
 
 def test_invalid_filter_adds_nothing() -> None:
@@ -332,7 +337,7 @@ def test_shared_subscription_fan_out_key() -> None:
     reg.add("$share/h/a/+", other_cb)
     # Three broker subscriptions: the group is part of the filter's identity.
     assert reg.filters == {"$share/g/a/+", "a/+", "$share/h/a/+"}
-    assert [f for f, _ in reg.take_pending()] == ["$share/g/a/+", "$share/h/a/+", "a/+"]
+    assert [f for f, _ in _pending(reg)] == ["$share/g/a/+", "$share/h/a/+", "a/+"]
     # A delivery carries the concrete topic: matched by the filter after the group.
     assert reg.dispatch(Message("a/b", b"1")) == 3
     assert [len(shared), len(plain), len(other_group)] == [1, 1, 1]
@@ -361,7 +366,7 @@ async def test_wait_granted() -> None:
     waiter = asyncio.create_task(sub.wait_granted())
     await asyncio.sleep(0)
     assert not waiter.done()
-    reg.take_pending()
+    _pending(reg)
     await asyncio.sleep(0)
     assert not waiter.done()  # SENT is not granted
     reg.acknowledged("t", None)
@@ -375,7 +380,7 @@ async def test_wait_granted_raises_on_refusal() -> None:
     sub = reg.add("$SYS/x", lambda _m: None)
     waiter = asyncio.create_task(sub.wait_granted())
     await asyncio.sleep(0)
-    reg.take_pending()
+    _pending(reg)
     reg.acknowledged("$SYS/x", "Not authorized")
     with pytest.raises(SubscriptionRefusedError, match="Not authorized"):
         async with asyncio.timeout(1):
@@ -388,12 +393,12 @@ async def test_wait_granted_survives_session_loss_and_ends_on_cancel() -> None:
     reg = SubscriptionRegistry()
     sub = reg.add("t", lambda _m: None)
     waiter = asyncio.create_task(sub.wait_granted())
-    reg.take_pending()
+    _pending(reg)
     await asyncio.sleep(0)
     reg.session_lost()  # no SUBACK on the old session
     await asyncio.sleep(0)
     assert not waiter.done()
-    reg.take_pending()
+    _pending(reg)
     reg.acknowledged("t", None)
     async with asyncio.timeout(1):
         await waiter
@@ -404,3 +409,40 @@ async def test_wait_granted_survives_session_loss_and_ends_on_cancel() -> None:
     with pytest.raises(SubscriptionRefusedError, match="unsubscribed"):
         async with asyncio.timeout(1):
             await pending
+
+
+def test_each_filter_has_its_own_subscription_identifier() -> None:
+    reg = SubscriptionRegistry()
+    wide, wide_cb = _sink()
+    narrow, narrow_cb = _sink()
+    reg.add("a/#", wide_cb)
+    reg.add("a/+/c", narrow_cb)
+    reg.add("a/+/c", narrow_cb)  # second consumer of the same filter
+    pending = {f: identifier for f, _options, identifier in reg.take_pending()}
+    assert len(set(pending.values())) == 2
+    assert all(1 <= i <= 268_435_455 for i in pending.values())
+    # A copy that carries one filter's identifier reaches that filter's consumers only.
+    message = Message("a/b/c", b"x")
+    assert reg.dispatch(message, [pending["a/#"]]) == 1
+    assert wide == [message]
+    assert narrow == []
+    assert reg.dispatch(message, [pending["a/+/c"]]) == 2
+    assert narrow == [message, message]
+    # One copy for both subscriptions (allowed by MQTT 5): each consumer once.
+    assert reg.dispatch(message, list(pending.values())) == 3
+    # An identifier of a filter that is gone delivers nothing (counted unmatched).
+    assert reg.dispatch(message, [999]) == 0
+    assert reg.stats.unmatched == 1
+
+
+def test_identifiers_are_not_reused_while_in_use() -> None:
+    reg = SubscriptionRegistry()
+    reg._next_identifier = 268_435_455
+    first = reg.add("last", lambda _m: None)
+    reg.add("wrapped", lambda _m: None)
+    ids = {f: i for f, _o, i in reg.take_pending()}
+    assert ids == {"last": 268_435_455, "wrapped": 1}
+    first.cancel()
+    reg._next_identifier = 1
+    reg.add("again", lambda _m: None)
+    assert {f: i for f, _o, i in reg.take_pending()}["again"] == 2  # 1 is taken

@@ -408,6 +408,8 @@ class _Connection:
         self.ended: asyncio.Future[str] = self.loop.create_future()
         self.abandoned = False
         self.busy = False
+        # Whether the broker accepts Subscription Identifiers (set at CONNACK).
+        self.subscription_identifiers = False
         self._misc: asyncio.TimerHandle | None = None
         self._sock: Any = None
 
@@ -591,12 +593,16 @@ class _Connection:
         _u: Any,
         _flags: Any,
         reason_code: ReasonCode,
-        _props: Any,
+        props: Any,
     ) -> None:
         if self.connack.done():
             return
         code = int(reason_code.value)
         if code < 0x80:
+            # Absent means available (MQTT 5 §3.2.2.3.12); Mosquitto omits it.
+            self.subscription_identifiers = self.protocol is ProtocolVersion.V5 and (
+                getattr(props, "SubscriptionIdentifierAvailable", 1) == 1
+            )
             self.connack.set_result(None)
             return
         text = f"broker refused the connection: {connack_reason(code)} ({code})"
@@ -954,25 +960,27 @@ class MqttClient:
         if removed:
             client.unsubscribe(removed)
         pending = self.registry.take_pending()
-        if pending:
-            if connection.protocol is ProtocolVersion.V5:
-                topics: list[tuple[str, Any]] = [
-                    (
-                        topic_filter,
-                        PahoSubscribeOptions(
-                            qos=options.qos,
-                            noLocal=options.no_local,
-                            retainAsPublished=options.retain_as_published,
-                            retainHandling=int(options.retain_handling),
-                        ),
-                    )
-                    for topic_filter, options in pending
-                ]
-            else:
-                topics = [(f, options.qos) for f, options in pending]
-            _rc, mid = client.subscribe(topics)
+        if pending and connection.protocol is ProtocolVersion.V311:
+            _rc, mid = client.subscribe([(f, options.qos) for f, options, _ in pending])
             if mid is not None:
-                self._sub_mids[mid] = [f for f, _ in pending]
+                self._sub_mids[mid] = [f for f, _, _ in pending]
+        elif pending and not connection.subscription_identifiers:
+            _rc, mid = client.subscribe(
+                [(f, _paho_options(options)) for f, options, _ in pending]
+            )
+            if mid is not None:
+                self._sub_mids[mid] = [f for f, _, _ in pending]
+        else:
+            # A Subscription Identifier applies to the whole SUBSCRIBE packet:
+            # one packet per filter, so each filter has its own (§3.8.2.1.2).
+            for topic_filter, options, identifier in pending:
+                properties = Properties(PacketTypes.SUBSCRIBE)
+                properties.SubscriptionIdentifier = identifier
+                _rc, mid = client.subscribe(
+                    [(topic_filter, _paho_options(options))], properties=properties
+                )
+                if mid is not None:
+                    self._sub_mids[mid] = [topic_filter]
         connection.flush()
 
     # -- paho callbacks (event loop) -----------------------------------------------
@@ -986,14 +994,16 @@ class MqttClient:
             self.stats.invalid_topics += 1  # MQTT requires UTF-8 topic names
             return
         self.stats.received += 1
+        properties = getattr(msg, "properties", None)
         self.registry.dispatch(
             Message(
                 topic,
                 msg.payload,
                 qos=msg.qos,
                 retain=bool(msg.retain),
-                raw_properties=getattr(msg, "properties", None),
-            )
+                raw_properties=properties,
+            ),
+            getattr(properties, "SubscriptionIdentifier", None),
         )
 
     def _on_paho_publish(
@@ -1034,11 +1044,30 @@ class MqttClient:
         """UNSUBACK: nothing to do (the registry forgot the filter already)."""
 
 
+def _paho_options(options: SubscribeOptions) -> PahoSubscribeOptions:
+    """Return paho's MQTT 5 subscription options for ``options``."""
+    return PahoSubscribeOptions(
+        qos=options.qos,
+        noLocal=options.no_local,
+        retainAsPublished=options.retain_as_published,
+        retainHandling=int(options.retain_handling),
+    )
+
+
 def _call(callback: PublishCallback, error: MqttError | None) -> None:
     try:
         callback(error)
     except Exception:
         _LOGGER.exception("publish completion callback failed")
+
+
+async def _open_and_close(client: MqttClient, protocol: ProtocolVersion) -> None:
+    """Open one connection of ``client`` with ``protocol`` and close it again."""
+    connection = _Connection(client, protocol)
+    try:
+        await connection.open()
+    finally:
+        connection.close()
 
 
 async def check_connection(settings: MqttSettings, *, timeout: float = 10.0) -> None:
@@ -1064,16 +1093,11 @@ async def check_connection(settings: MqttSettings, *, timeout: float = 10.0) -> 
                     )
                 except (OSError, ssl.SSLError) as err:
                     raise MqttTlsError(f"TLS set-up failed: {err}") from err
-            for protocol in (ProtocolVersion.V5, ProtocolVersion.V311):
-                connection = _Connection(client, protocol)
-                try:
-                    await connection.open()
-                except _ProtocolRefusedError:
-                    continue
-                finally:
-                    connection.close()
-                return
-            raise MqttConnectError("the broker refused MQTT 5 and MQTT 3.1.1")
+            try:
+                await _open_and_close(client, ProtocolVersion.V5)
+            except _ProtocolRefusedError:
+                # A refusal of 3.1.1 too is a MqttConnectError (its base class).
+                await _open_and_close(client, ProtocolVersion.V311)
     except TimeoutError as err:
         if isinstance(err, MqttError):
             raise

@@ -16,6 +16,14 @@ retain handling. A consumer that asks for retained messages (retain handling
 the broker sends the retained messages once more (to every consumer of that
 filter, flagged retained).
 
+Overlapping filters: a broker may send one copy of a message per matching
+subscription (Mosquitto does on MQTT 5). Each filter therefore gets its own
+MQTT 5 Subscription Identifier (§3.8.2.1.2); a message that carries
+identifiers goes only to the consumers of those filters, so every consumer gets
+each copy meant for it exactly once. Without identifiers (MQTT 3.1.1, or a
+broker that does not offer them) the message goes to every consumer whose
+filter matches its topic.
+
 A consumer callback that raises is logged and counted; the other consumers
 still get the message. Nothing here does I/O. This module imports nothing
 from Home Assistant.
@@ -38,6 +46,9 @@ if TYPE_CHECKING:
     from .mqtt_client import Message
 
 _LOGGER = logging.getLogger(__name__)
+
+# MQTT 5 §3.8.2.1.2: a Subscription Identifier is 1 .. 268,435,455.
+MAX_SUBSCRIPTION_ID = 268_435_455
 
 
 class RetainHandling(enum.IntEnum):
@@ -140,6 +151,7 @@ class _FilterEntry:
 
     __slots__ = (
         "consumers",
+        "identifier",
         "match_key",
         "options",
         "reason",
@@ -148,9 +160,10 @@ class _FilterEntry:
         "waiters",
     )
 
-    def __init__(self, topic_filter: str, match_key: str) -> None:
+    def __init__(self, topic_filter: str, match_key: str, identifier: int) -> None:
         self.topic_filter = topic_filter
         self.match_key = match_key
+        self.identifier = identifier
         self.consumers: list[Subscription] = []
         self.options = SubscribeOptions()
         self.state = FilterState.PENDING
@@ -197,6 +210,8 @@ class SubscriptionRegistry:
     def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         """Create an empty registry."""
         self._entries: dict[str, _FilterEntry] = {}
+        self._by_identifier: dict[int, _FilterEntry] = {}
+        self._next_identifier = 1
         self._matcher = MQTTMatcher()
         self._removed: set[str] = set()
         self._on_change = on_change
@@ -221,8 +236,9 @@ class SubscriptionRegistry:
         entry = self._entries.get(topic_filter)
         if entry is None:
             _group, match_key = split_shared(topic_filter)
-            entry = _FilterEntry(topic_filter, match_key)
+            entry = _FilterEntry(topic_filter, match_key, self._new_identifier())
             self._entries[topic_filter] = entry
+            self._by_identifier[entry.identifier] = entry
             try:
                 self._matcher[match_key].append(entry)
             except KeyError:
@@ -256,6 +272,7 @@ class SubscriptionRegistry:
                 self._changed()
             return
         del self._entries[entry.topic_filter]
+        del self._by_identifier[entry.identifier]
         entries = self._matcher[entry.match_key]
         entries.remove(entry)
         if not entries:
@@ -266,27 +283,49 @@ class SubscriptionRegistry:
             self._removed.add(entry.topic_filter)
             self._changed()
 
-    def dispatch(self, message: Message) -> int:
-        """Hand ``message`` to every consumer whose filter matches; return how many."""
+    def _new_identifier(self) -> int:
+        """Return a Subscription Identifier no current filter uses."""
+        while True:
+            identifier = self._next_identifier
+            self._next_identifier = identifier % MAX_SUBSCRIPTION_ID + 1
+            if identifier not in self._by_identifier:
+                return identifier
+
+    def dispatch(self, message: Message, identifiers: list[int] | None = None) -> int:
+        """Hand ``message`` to its consumers; return how many got it.
+
+        ``identifiers`` are the message's MQTT 5 Subscription Identifiers: the
+        consumers of exactly those filters get it. Without them, every consumer
+        whose filter matches the topic does.
+        """
         delivered = 0
-        for entries in self._matcher.iter_match(message.topic):
-            for entry in entries:
-                for subscription in entry.consumers:
-                    delivered += 1
-                    try:
-                        subscription.callback(message)
-                    except Exception:
-                        self.stats.consumer_errors += 1
-                        _LOGGER.exception(
-                            "consumer of %r failed on a message from %r",
-                            subscription.topic_filter,
-                            message.topic,
-                        )
+        if identifiers:
+            for identifier in identifiers:
+                entry = self._by_identifier.get(identifier)
+                if entry is not None:
+                    delivered += self._deliver(entry, message)
+        else:
+            for entries in self._matcher.iter_match(message.topic):
+                for entry in entries:
+                    delivered += self._deliver(entry, message)
         if delivered:
             self.stats.delivered += delivered
         else:
             self.stats.unmatched += 1
         return delivered
+
+    def _deliver(self, entry: _FilterEntry, message: Message) -> int:
+        for subscription in entry.consumers:
+            try:
+                subscription.callback(message)
+            except Exception:
+                self.stats.consumer_errors += 1
+                _LOGGER.exception(
+                    "consumer of %r failed on a message from %r",
+                    subscription.topic_filter,
+                    message.topic,
+                )
+        return len(entry.consumers)
 
     # -- broker side -------------------------------------------------------------
 
@@ -315,14 +354,18 @@ class SubscriptionRegistry:
             if e.state is FilterState.REFUSED
         }
 
-    def take_pending(self) -> list[tuple[str, SubscribeOptions]]:
-        """Return the filters to SUBSCRIBE now (in name order) and mark them sent."""
+    def take_pending(self) -> list[tuple[str, SubscribeOptions, int]]:
+        """Return the filters to SUBSCRIBE now and mark them sent.
+
+        Each item is ``(filter, merged options, subscription identifier)``, in
+        filter order.
+        """
         pending = sorted(
             (f, e) for f, e in self._entries.items() if e.state is FilterState.PENDING
         )
         for _filter, entry in pending:
             entry.set_state(FilterState.SENT)
-        return [(f, e.options) for f, e in pending]
+        return [(f, e.options, e.identifier) for f, e in pending]
 
     def take_removed(self) -> list[str]:
         """Return the filters to UNSUBSCRIBE now (in name order)."""
