@@ -294,7 +294,7 @@ async def test_user_menus(hass: HomeAssistant) -> None:
     )
     assert result["type"] is FlowResultType.MENU
     assert result["step_id"] == "user"
-    assert list(result["menu_options"]) == ["meshtastic"]
+    assert list(result["menu_options"]) == ["meshtastic", "mqtt_broker"]
 
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"], {"next_step_id": "meshtastic"}
@@ -1261,14 +1261,12 @@ def _future_entry(hass: HomeAssistant) -> MockConfigEntry:
     return entry
 
 
-async def test_user_menu_offers_only_the_node(hass: HomeAssistant) -> None:
-    """The Meshtastic node comes first; the broker type is not offered yet."""
+async def test_user_menu_offers_node_then_broker(hass: HomeAssistant) -> None:
+    """The Meshtastic node comes first, the MQTT broker second."""
     result = await hass.config_entries.flow.async_init(
         DOMAIN, context={"source": SOURCE_USER}
     )
-    assert result["menu_options"][0] == "meshtastic"
-    assert EntryType.MQTT_BROKER.value not in result["menu_options"]
-    assert len(result["menu_options"]) == 1
+    assert result["menu_options"] == ["meshtastic", EntryType.MQTT_BROKER.value]
 
 
 async def test_options_flow_by_entry_type(hass: HomeAssistant) -> None:

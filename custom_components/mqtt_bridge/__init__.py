@@ -1,10 +1,12 @@
-"""MQTT Bridge: Meshtastic on MQTT (and, next, MQTT tools for AI agents).
+"""MQTT Bridge: Meshtastic on MQTT, and MQTT tools for AI agents.
 
 Each config entry has a type (``entry.data["entry_type"]``,
-:class:`~.const.EntryType`). Today there is one, the Meshtastic node: Home
-Assistant holds the connection to the node (TCP or serial), reads its MQTT
-settings and forwards its ``mqttClientProxyMessage`` traffic to and from the
-broker, as the phone apps do with "Proxy to client". The work is done by the
+:class:`~.const.EntryType`). The Meshtastic node: Home Assistant holds the
+connection to the node (TCP or serial), reads its MQTT settings and forwards
+its ``mqttClientProxyMessage`` traffic to and from the broker, as the phone
+apps do with "Proxy to client". The MQTT broker: one broker session whose
+topics AI agents use through the MQTT tools, within the entry's topic rules
+(:mod:`.broker_runtime`). The work is done by the
 HA-independent engines in :mod:`.engine`; this module only maps an entry's type
 to its runtime (:data:`RUNTIMES`), sets it up, unloads it, migrates old entries
 and reloads an entry when what its runtime was built from changed (HA docs:
@@ -22,6 +24,8 @@ from homeassistant.exceptions import ConfigEntryError
 from homeassistant.helpers import config_validation as cv
 from homeassistant.helpers.typing import ConfigType
 
+from . import http
+from .broker_runtime import BrokerRuntime
 from .const import CONF_ENTRY_TYPE, DOMAIN, EntryType
 from .models import EntryRuntime, MqttBridgeConfigEntry, entry_type_of
 from .node_runtime import NodeRuntime
@@ -34,12 +38,14 @@ CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 # The runtime of each entry type; a type missing here cannot be set up.
 RUNTIMES: Final[dict[EntryType, type[EntryRuntime]]] = {
     EntryType.MESHTASTIC_NODE: NodeRuntime,
+    EntryType.MQTT_BROKER: BrokerRuntime,
 }
 
 
 async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
     """Register the integration's actions once (quality scale: action-setup)."""
     async_setup_services(hass)
+    http.async_register(hass)
     return True
 
 
@@ -104,11 +110,14 @@ async def async_unload_entry(hass: HomeAssistant, entry: MqttBridgeConfigEntry) 
 async def _async_update_listener(
     hass: HomeAssistant, entry: MqttBridgeConfigEntry
 ) -> None:
-    """Reload the entry when its data or options differ from its runtime's.
+    """Reload the entry when its runtime says so (:meth:`EntryRuntime.needs_reload`).
 
-    Flows only update the entry (no ``async_update_reload_and_abort``, an error
-    with an update listener from HA 2026.12); this listener does the reload.
-    Changes of the title (or, later, of config subentries) do not reload.
+    By default that is when its data or options differ from the runtime's; a
+    broker entry applies option changes (topic rules) live and reloads only for
+    data changes. Flows only update the entry (no
+    ``async_update_reload_and_abort``, an error with an update listener from
+    HA 2026.12); this listener does the reload. Changes of the title (or,
+    later, of config subentries) do not reload.
     """
     if entry.runtime_data.needs_reload():
         hass.config_entries.async_schedule_reload(entry.entry_id)

@@ -1,8 +1,8 @@
 """Config flow of MQTT Bridge: a menu of entry types, dispatching by type.
 
-The ``user`` step offers what can be added (today only the Meshtastic node,
-first in the menu); each type's steps live in their own module (node:
-:mod:`.flow_node`, mixed in here). Flows started for an existing entry
+The ``user`` step offers what can be added (the Meshtastic node first, then
+the MQTT broker); each type's steps live in their own module (node:
+:mod:`.flow_node`, broker: :mod:`.flow_broker`, mixed in here). Flows started for an existing entry
 (reconfigure, reauth, options) choose the steps of the entry's type
 (``entry.data["entry_type"]``); an entry of a type this version does not know
 has none of them. Entries are version 1.2 (1.2 added ``entry_type``; see
@@ -19,18 +19,20 @@ from homeassistant.core import callback
 from homeassistant.data_entry_flow import UnknownHandler
 
 from .const import DOMAIN, EntryType
+from .flow_broker import BrokerFlowMixin, BrokerOptionsFlow
 from .flow_node import NodeFlowMixin, NodeOptionsFlow
 from .models import entry_type_of
 
 # The options flow of each entry type.
 OPTIONS_FLOWS: Final[dict[EntryType, type[OptionsFlow]]] = {
     EntryType.MESHTASTIC_NODE: NodeOptionsFlow,
+    EntryType.MQTT_BROKER: BrokerOptionsFlow,
 }
 # The user menu: one option (a step) per entry type that can be added.
-USER_MENU: Final = ["meshtastic"]
+USER_MENU: Final = ["meshtastic", "mqtt_broker"]
 
 
-class MqttBridgeConfigFlow(NodeFlowMixin, domain=DOMAIN):
+class MqttBridgeConfigFlow(NodeFlowMixin, BrokerFlowMixin, domain=DOMAIN):
     """Add an entry of one of the integration's types; maintain existing ones."""
 
     VERSION = 1
@@ -72,6 +74,8 @@ class MqttBridgeConfigFlow(NodeFlowMixin, domain=DOMAIN):
         entry_type = entry_type_of(self._get_reconfigure_entry())
         if entry_type is EntryType.MESHTASTIC_NODE:
             return self.async_show_node_reconfigure_menu()
+        if entry_type is EntryType.MQTT_BROKER:
+            return await self.async_step_broker_reconfigure()
         return self.async_abort(reason="not_supported")
 
     async def async_step_reauth(
@@ -81,4 +85,6 @@ class MqttBridgeConfigFlow(NodeFlowMixin, domain=DOMAIN):
         entry_type = entry_type_of(self._get_reauth_entry())
         if entry_type is EntryType.MESHTASTIC_NODE:
             return await self.async_step_reauth_confirm()
+        if entry_type is EntryType.MQTT_BROKER:
+            return await self.async_step_broker_reauth()
         return self.async_abort(reason="not_supported")

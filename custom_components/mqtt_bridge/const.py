@@ -28,7 +28,7 @@ class EntryType(StrEnum):
 
     # A Meshtastic node whose MQTT client proxy traffic Home Assistant forwards.
     MESHTASTIC_NODE = "meshtastic_node"
-    # An MQTT broker for the MQTT tools (next issue; nothing offers it yet).
+    # An MQTT broker whose topics AI agents reach through the MQTT tools.
     MQTT_BROKER = "mqtt_broker"
 
 
@@ -61,7 +61,7 @@ DEFAULT_UPLINK_QUEUE_SIZE: Final = 1000  # messages
 # -- Meshtastic node: entities, events, repairs -----------------------------------
 
 # Seconds between two state writes of counters and last-activity entities, so the
-# recorder never stores one row per mesh message.
+# recorder never stores one row per mesh message (the broker entry's counters too).
 UPDATE_THROTTLE: Final = 2.0
 
 # Entity description key of the node's "Messages" event entity.
@@ -92,6 +92,45 @@ ISSUE_MQTT_DISABLED: Final = "node_mqtt_disabled"
 ISSUE_PROXY_TO_CLIENT_DISABLED: Final = "node_proxy_to_client_disabled"
 ISSUE_BROKER_AUTH: Final = "broker_auth_failed"
 ISSUE_BROKER_ADDRESS: Final = "invalid_broker_address"
+
+# -- MQTT broker: entry.data (how Home Assistant reaches the broker) -------------
+# homeassistant.const CONF_HOST, CONF_PORT, CONF_USERNAME, CONF_PASSWORD plus:
+
+CONF_TLS: Final = "tls"  # connect with TLS (mqtts)
+# CONF_ALLOW_SELF_SIGNED (above): TLS without certificate or host name check;
+# certificate verification is on unless this is true.
+CONF_CA_FILE: Final = "ca_file"  # path of a PEM file of extra trusted CAs, or ""
+CONF_CLIENT_ID_PREFIX: Final = "client_id_prefix"  # client id: "<prefix>-<random>"
+DEFAULT_CLIENT_ID_PREFIX: Final = "ha-mqtt-bridge"
+
+# -- MQTT broker: entry.options (applied live, no reload) --------------------------
+
+# The topic ACL: a list of {"pattern", "permissions": ["read", "write"],
+# "description"} dicts (engine.acl.rules_to_options / rules_from_options).
+# No rules: every tool call is denied.
+CONF_RULES: Final = "rules"
+# The HTTP (MCP) endpoint accepts only administrators' tokens.
+CONF_REQUIRE_ADMIN: Final = "require_admin"
+DEFAULT_REQUIRE_ADMIN: Final = False
+# The entry's LLM API also offers the tools of Home Assistant's Assist API.
+CONF_INCLUDE_ASSIST: Final = "include_assist_tools"
+DEFAULT_INCLUDE_ASSIST: Final = False
+
+# -- MQTT broker: tool calls -------------------------------------------------------
+
+# Bus event fired for every tool call, allowed or denied (described by logbook.py).
+EVENT_TOOL_CALL: Final = f"{DOMAIN}_tool_call"
+# Its data keys:
+ATTR_ENTRY_ID: Final = "entry_id"
+ATTR_TOOL: Final = "tool"
+ATTR_TOPIC: Final = "topic"
+ATTR_ALLOWED: Final = "allowed"
+ATTR_SOURCE: Final = "source"  # SOURCE_MCP or SOURCE_ASSIST
+ATTR_USER_ID: Final = "user_id"
+ATTR_DURATION_MS: Final = "duration_ms"
+ATTR_IS_ERROR: Final = "is_error"
+SOURCE_MCP: Final = "mcp"
+SOURCE_ASSIST: Final = "assist"
 
 # -- actions ---------------------------------------------------------------------
 

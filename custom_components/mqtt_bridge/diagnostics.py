@@ -1,14 +1,16 @@
 """Diagnostics of MQTT Bridge entries, by entry type, redacted.
 
 Every entry reports its title, type, version, data and options; a loaded entry
-adds what its type's function (:data:`RUNTIME_DIAGNOSTICS`) reads from the
-runtime. A node entry reports the node's handshake data, the device metrics,
+adds what its runtime's function (:data:`RUNTIME_DIAGNOSTICS`) reads from it. A node entry reports the node's handshake data, the device metrics,
 the link state and the proxy, read only through the engines' public
 attributes and the proxy's own JSON-serialisable dump
 (:meth:`.engine.proxy.MeshtasticProxy.diagnostics`: broker settings without
 password, client state and stats, subscriptions, skipped channel filters, task
-failures). Credentials, channel and PKI keys, positions and hardware
-identifiers are redacted wherever they appear.
+failures). A broker entry reports its session (settings without credentials,
+client state and stats, subscriptions), the topic rules in use (and those that
+grant nothing) and the tool calls
+(:meth:`.broker_runtime.BrokerRuntime.diagnostics`). Credentials, channel and
+PKI keys, positions and hardware identifiers are redacted wherever they appear.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from homeassistant.const import CONF_PASSWORD, CONF_USERNAME
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers.redact import async_redact_data
 
-from .const import CONF_BROKER_PASSWORD, CONF_BROKER_USERNAME, EntryType
+from .broker_runtime import BrokerRuntime
+from .const import CONF_BROKER_PASSWORD, CONF_BROKER_USERNAME
 from .engine.proxy import MeshtasticProxy
-from .models import MqttBridgeConfigEntry, entry_type_of
+from .models import EntryRuntime, MqttBridgeConfigEntry, entry_type_of
 from .node_runtime import NodeRuntime
 
 TO_REDACT: Final = {
@@ -102,10 +105,18 @@ def _node_diagnostics(runtime: NodeRuntime) -> dict[str, Any]:
     }
 
 
-# What a loaded entry of each type adds, read from its runtime_data (the
-# runtime class __init__.RUNTIMES maps the type to).
-RUNTIME_DIAGNOSTICS: Final[dict[EntryType, Callable[[Any], dict[str, Any]]]] = {
-    EntryType.MESHTASTIC_NODE: _node_diagnostics,
+def _broker_diagnostics(runtime: BrokerRuntime) -> dict[str, Any]:
+    """Return a broker entry's session, rules and tool call state."""
+    return runtime.diagnostics()
+
+
+# What a loaded entry adds, by the class of its runtime_data (the runtime
+# __init__.RUNTIMES maps the entry's type to).
+RUNTIME_DIAGNOSTICS: Final[
+    dict[type[EntryRuntime], Callable[[Any], dict[str, Any]]]
+] = {
+    NodeRuntime: _node_diagnostics,
+    BrokerRuntime: _broker_diagnostics,
 }
 
 
@@ -124,7 +135,8 @@ async def async_get_config_entry_diagnostics(
             "options": dict(entry.options),
         },
     }
-    build = RUNTIME_DIAGNOSTICS.get(entry_type) if entry_type is not None else None
-    if build is not None and entry.state is ConfigEntryState.LOADED:
-        data |= build(entry.runtime_data)
+    if entry.state is ConfigEntryState.LOADED:
+        build = RUNTIME_DIAGNOSTICS.get(type(entry.runtime_data))
+        if build is not None:
+            data |= build(entry.runtime_data)
     return async_redact_data(data, TO_REDACT)

@@ -1,7 +1,10 @@
-"""Sensors of a Meshtastic node entry: proxy counters, activity, node metrics, status.
+"""Sensors per entry type: :data:`SENSORS` of a Meshtastic node, :data:`BROKER_SENSORS`.
 
-States are written only on the runtime's rate-limited update signal (see
-:mod:`.entity`), never once per mesh message.
+A node entry has proxy counters, activity, node metrics and the proxy status;
+a broker entry has its tool call counters (all calls, denied calls), the
+messages the tools published and handed to agents, and the topics known to
+``mqtt_topics``. States are written only on the runtime's rate-limited update
+signal (see :mod:`.entity`), never once per mesh message or tool call.
 
 Decisions:
 
@@ -35,8 +38,9 @@ from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 from meshtastic.protobuf import telemetry_pb2
 
+from .broker_runtime import BrokerRuntime
 from .engine.proxy import ProxyStatus
-from .entity import NodeEntity, node_runtime
+from .entity import BrokerEntity, NodeEntity, broker_runtime, node_runtime
 from .models import MqttBridgeConfigEntry
 from .node_runtime import NodeRuntime
 
@@ -44,6 +48,8 @@ from .node_runtime import NodeRuntime
 PARALLEL_UPDATES = 0
 
 UNIT_MESSAGES = "messages"
+UNIT_CALLS = "calls"
+UNIT_TOPICS = "topics"
 # DeviceMetrics.battery_level above 100 means "on external power".
 BATTERY_POWERED = 100
 ATTR_EXTERNAL_POWER = "external_power"
@@ -202,17 +208,66 @@ SENSORS: tuple[MqttBridgeSensorDescription, ...] = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class BrokerSensorDescription(SensorEntityDescription):
+    """A sensor of a broker entry and how to read it from the runtime."""
+
+    value_fn: Callable[[BrokerRuntime], StateType]
+
+
+BROKER_SENSORS: tuple[BrokerSensorDescription, ...] = (
+    BrokerSensorDescription(
+        key="tool_calls",
+        translation_key="tool_calls",
+        native_unit_of_measurement=UNIT_CALLS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.stats.calls,
+    ),
+    BrokerSensorDescription(
+        key="denied_tool_calls",
+        translation_key="denied_tool_calls",
+        native_unit_of_measurement=UNIT_CALLS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.stats.denied,
+    ),
+    BrokerSensorDescription(
+        key="messages_published",
+        translation_key="messages_published",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.tools.stats.published,
+    ),
+    BrokerSensorDescription(
+        key="messages_received",
+        translation_key="messages_received",
+        native_unit_of_measurement=UNIT_MESSAGES,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda runtime: runtime.tools.stats.received,
+    ),
+    BrokerSensorDescription(
+        key="topics_known",
+        translation_key="topics_known",
+        native_unit_of_measurement=UNIT_TOPICS,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda runtime: runtime.tools.topics_known,
+    ),
+)
+
+
 async def async_setup_entry(
     hass: HomeAssistant,
     entry: MqttBridgeConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the sensors of a node entry's node and proxy."""
-    if (runtime := node_runtime(entry)) is None:
-        return
-    async_add_entities(
-        MqttBridgeSensor(runtime, description) for description in SENSORS
-    )
+    """Add the sensors of the entry's type (node and proxy, or broker)."""
+    if (node := node_runtime(entry)) is not None:
+        async_add_entities(
+            MqttBridgeSensor(node, description) for description in SENSORS
+        )
+    elif (broker := broker_runtime(entry)) is not None:
+        async_add_entities(
+            BrokerSensor(broker, description) for description in BROKER_SENSORS
+        )
 
 
 class MqttBridgeSensor(NodeEntity, SensorEntity):
@@ -229,3 +284,14 @@ class MqttBridgeSensor(NodeEntity, SensorEntity):
     def extra_state_attributes(self) -> dict[str, Any] | None:
         """Extra attributes (drop reasons, external power)."""
         return self.entity_description.attributes_fn(self.runtime)
+
+
+class BrokerSensor(BrokerEntity, SensorEntity):
+    """A counter of a broker entry, computed when the update signal arrives."""
+
+    entity_description: BrokerSensorDescription
+
+    @property
+    def native_value(self) -> StateType:
+        """The current value."""
+        return self.entity_description.value_fn(self.runtime)
