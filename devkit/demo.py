@@ -1,43 +1,53 @@
-"""Development demo: Mosquitto, a simulated Meshtastic node and Home Assistant.
+"""Development demo: Mosquitto, a simulated Meshtastic node, a demo MQTT device, Home Assistant.
 
 ``scripts/develop`` runs this module (``python -m devkit.demo``). It
 
 1. starts a private Mosquitto on a random 127.0.0.1 port;
 2. starts the node simulator (``python -m devkit.meshsim``) on another free
    port, pointed at that broker;
-3. prepares ``config/`` at the repository root: ``configuration.yaml``, the
-   ``custom_components/mqtt_bridge`` symlink, a finished onboarding, the user
-   ``dev`` (password ``dev``) and the ``mqtt_bridge`` config entry "Sim Node",
-   whose port is rewritten on every start because the simulator's port changes;
+3. prepares ``config/`` at the repository root (``devkit.hass_runner``):
+   ``configuration.yaml``, the ``custom_components/mqtt_bridge`` symlink, a
+   finished onboarding, the user ``dev`` (password ``dev``) and two config
+   entries, rewritten on every start because the ports change: the node
+   "Sim Node" and the "MQTT broker" entry "Demo broker" on the same Mosquitto,
+   whose topic rules (created once, then yours to edit in the UI) let AI agents
+   read and write ``demo/#`` and read ``msh/#``;
 4. starts Home Assistant (``hass -c config --skip-pip``);
 5. publishes simulated downlink traffic (a text message from the fictional
    remote node ``!cafe0001``) every few seconds and counts the ``msh/#``
-   traffic crossing the broker in both directions.
+   traffic crossing the broker in both directions;
+6. runs a small MQTT 5 device on ``demo/...`` (:func:`run_device`): retained
+   living-room temperature and humidity, a light switched by
+   ``demo/livingroom/light/set``, and a responder on ``demo/device/request``
+   for ``mqtt_query`` (Response Topic + Correlation Data);
+7. once Home Assistant answers, makes sure ``config/mcp-token.txt`` holds a
+   working long-lived access token of ``dev`` (created through the websocket
+   API) and prints the MCP endpoint and a ready MCP Inspector command.
 
-Ctrl-C, SIGTERM or SIGHUP stop Home Assistant, the simulator, the publisher and
-Mosquitto, in that order; a second Ctrl-C hurries the shutdown along. Every
+Ctrl-C, SIGTERM or SIGHUP stop Home Assistant, the simulator, the MQTT clients
+and Mosquitto, in that order; a second Ctrl-C hurries the shutdown along. Every
 child runs in a session of its own (so a Ctrl-C at the terminal reaches only
 this process, which then stops them in order) and gets SIGTERM should this
 process die. When Home Assistant exits to restart (exit code 100, the UI's
 "Restart"), it is started again.
 
 ``--check`` starts everything, waits until Home Assistant answers HTTP, logs in
-as ``dev`` and sees the config entry loaded (or the timeout passes), reports
-what it saw, stops everything and exits 0 (loaded) or 1.
+as ``dev``, sees both config entries loaded, asks the MCP endpoint for
+tools/list with the demo token (and reads the demo device's temperature and
+queries its responder through it), reports what it saw, stops everything and
+exits 0 (all good) or 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 import contextlib
 import ctypes
 import ctypes.util
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 import errno
 import json
 import os
@@ -51,16 +61,35 @@ import sys
 import threading
 import time
 from typing import Any
-import uuid
 
 import aiohttp
 import aiomqtt
 
+from devkit.hass_runner import (
+    DOMAIN,
+    FAILED_STATES,
+    INTEGRATION_DIR,
+    REPO_ROOT,
+    RESTART_EXIT_CODE,
+    EntrySpec,
+    broker_entry,
+    child_env,
+    create_long_lived_token,
+    entry_states,
+    get_json,
+    hass_command,
+    http_answers,
+    inspector_command,
+    integration_log_lines,
+    link_integration,
+    login,
+    mcp_url,
+    token_works,
+    upsert_config_entries,
+    write_login,
+    write_onboarding,
+)
 from devkit.mosquitto import Mosquitto, free_port
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DOMAIN = "mqtt_bridge"
-INTEGRATION_DIR = REPO_ROOT / "custom_components" / DOMAIN
 
 #: The simulated node: node number 0x1A2B3C4D, i.e. ``!1a2b3c4d``.
 SIM_NODE_NUM = 0x1A2B3C4D
@@ -74,12 +103,52 @@ CHANNEL_ID = "LongFast"
 DOWNLINK_TOPIC = f"msh/2/e/{CHANNEL_ID}/{REMOTE_NODE_ID}"
 BROADCAST_NUM = 0xFFFFFFFF
 
+#: The "MQTT broker" entry: the MQTT tools for AI agents on the demo broker.
+BROKER_TITLE = "Demo broker"
+#: Marks the demo's broker entry (its unique id has the broker's port, which
+#: changes on every start); also the prefix of its MQTT client ids.
+BROKER_CLIENT_ID_PREFIX = "mqtt-bridge-demo"
+#: The entry's topic rules when it is created (mcpMQTT's ``topics`` format);
+#: later edits in the UI (Settings → Devices & services → MQTT Bridge →
+#: Demo broker → Configure) are kept.
+BROKER_RULES: list[dict[str, Any]] = [
+    {
+        "pattern": "demo/#",
+        "permissions": ["read", "write"],
+        "description": (
+            "Demo devices: demo/livingroom/temperature and /humidity (retained, "
+            "°C and %), demo/livingroom/light/state (retained on/off; publish "
+            "on, off or toggle to demo/livingroom/light/set), and a status "
+            "service answering mqtt_query requests on demo/device/request"
+        ),
+    },
+    {
+        "pattern": "msh/#",
+        "permissions": ["read"],
+        "description": (
+            "Meshtastic MQTT traffic of the simulated mesh "
+            "(protobuf ServiceEnvelopes, binary)"
+        ),
+    },
+]
+
+#: The demo device's topics (:func:`run_device`).
+DEVICE_TEMPERATURE = "demo/livingroom/temperature"
+DEVICE_HUMIDITY = "demo/livingroom/humidity"
+DEVICE_LIGHT_STATE = "demo/livingroom/light/state"
+DEVICE_LIGHT_SET = "demo/livingroom/light/set"
+DEVICE_REQUEST = "demo/device/request"
+#: Where the device answers a request without a Response Topic (MQTT 3.1.1).
+DEVICE_RESPONSE = "demo/device/response"
+
 USERNAME = "dev"
 PASSWORD = "dev"  # the documented demo login
-RESTART_EXIT_CODE = 100  # homeassistant.const.RESTART_EXIT_CODE
 PORT_ENV = "MQTT_BRIDGE_DEMO_HTTP_PORT"
 HOST_ENV = "MQTT_BRIDGE_DEMO_HTTP_HOST"
 CONFIG_MARKER = "# Managed by devkit/demo.py"
+#: The long-lived access token of ``dev`` for MCP clients, in the config dir.
+TOKEN_FILE = "mcp-token.txt"
+TOKEN_CLIENT_NAME = "MQTT Bridge demo (MCP clients)"
 
 CONFIGURATION_YAML = f"""\
 {CONFIG_MARKER}: rewritten on every start while this first line is here.
@@ -235,67 +304,9 @@ def start_broker(workdir: Path) -> Mosquitto:
     return broker
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """Return the environment for children: the repo root on PYTHONPATH."""
-    env = dict(os.environ)
-    paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env.update(extra)
-    return env
-
-
-def hass_command() -> list[str]:
-    """Return the command that runs Home Assistant from this interpreter's venv."""
-    hass = Path(sys.executable).parent / "hass"
-    if hass.exists():
-        # The console script keeps a restart (exec of sys.argv) working.
-        return [str(hass)]
-    return [sys.executable, "-m", "homeassistant"]
-
-
 # --------------------------------------------------------------------------
 # The Home Assistant configuration directory
 # --------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as HA's storage helper does: indented, atomically, 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.demo-tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.chmod(0o600)
-    tmp.replace(path)
-
-
-def _flow_versions() -> tuple[int, int]:
-    """Return (VERSION, MINOR_VERSION) of the integration's config flow, or (1, 1).
-
-    Read with ``ast`` rather than imported: importing would pull in HA here.
-    """
-    version, minor = 1, 1
-    source = INTEGRATION_DIR / "config_flow.py"
-    if not source.is_file():
-        return version, minor
-    with contextlib.suppress(SyntaxError, OSError):
-        tree = ast.parse(source.read_text())
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.ClassDef):
-                continue
-            if not any(kw.arg == "domain" for kw in node.keywords):
-                continue
-            for stmt in node.body:
-                if (
-                    isinstance(stmt, ast.Assign)
-                    and len(stmt.targets) == 1
-                    and isinstance(stmt.targets[0], ast.Name)
-                    and isinstance(stmt.value, ast.Constant)
-                    and isinstance(stmt.value.value, int)
-                ):
-                    if stmt.targets[0].id == "VERSION":
-                        version = stmt.value.value
-                    elif stmt.targets[0].id == "MINOR_VERSION":
-                        minor = stmt.value.value
-    return version, minor
 
 
 def write_configuration(config_dir: Path) -> None:
@@ -315,142 +326,55 @@ def write_configuration(config_dir: Path) -> None:
             (config_dir / name).write_text(empty)
 
 
-def link_integration(config_dir: Path) -> None:
-    """Symlink ``config/custom_components/mqtt_bridge`` to the repository's code."""
-    link = config_dir / "custom_components" / DOMAIN
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = Path(os.path.relpath(INTEGRATION_DIR, link.parent))
-    if link.is_symlink():
-        if Path(os.readlink(link)) == target:
-            return
-        link.unlink()
-    elif link.exists():
-        log(f"{link} is not a symlink; leaving it (it shadows {INTEGRATION_DIR})")
-        return
-    link.symlink_to(target, target_is_directory=True)
-
-
-def write_onboarding(storage: Path) -> None:
-    """Mark every onboarding step done, so HA shows its login page."""
-    from homeassistant.components.onboarding import (
-        STORAGE_KEY,
-        STORAGE_VERSION,
+def _is_demo_broker(entry: Mapping[str, Any]) -> bool:
+    """Whether a stored config entry is the demo's "MQTT broker" entry."""
+    data = entry.get("data", {})
+    return bool(
+        data.get("entry_type") == "mqtt_broker"
+        and data.get("client_id_prefix") == BROKER_CLIENT_ID_PREFIX
     )
-    from homeassistant.components.onboarding.const import STEPS
 
-    path = storage / STORAGE_KEY
-    if path.exists():
-        return
-    _write_json(
-        path,
-        {
-            "version": STORAGE_VERSION,
-            "minor_version": 1,
-            "key": STORAGE_KEY,
-            "data": {"done": list(STEPS)},
+
+def demo_entries(sim_port: int, broker_port: int) -> list[EntrySpec]:
+    """The node entry "Sim Node" and the MQTT broker entry "Demo broker".
+
+    Both exist once: an existing one is pointed at the new ports; its options
+    (proxy settings, topic rules) stay as the user left them.
+    """
+    node = EntrySpec(
+        title=ENTRY_TITLE,
+        unique_id=ENTRY_UNIQUE_ID,
+        data={
+            "entry_type": "meshtastic_node",
+            "connection": "tcp",
+            "host": "127.0.0.1",
+            "port": sim_port,
         },
     )
-
-
-def upsert_config_entry(storage: Path, sim_port: int) -> str:
-    """Create the "Sim Node" config entry, or point the existing one at ``sim_port``.
-
-    Returns the entry id. The file follows HA 2025.4.4's
-    ``ConfigEntryStore`` (``homeassistant/config_entries.py``).
-    """
-    from homeassistant.config_entries import (
-        STORAGE_KEY,
-        STORAGE_VERSION,
-        STORAGE_VERSION_MINOR,
+    broker = broker_entry(
+        "127.0.0.1",
+        broker_port,
+        BROKER_RULES,
+        title=BROKER_TITLE,
+        client_id_prefix=BROKER_CLIENT_ID_PREFIX,
+        replace_options=False,
+        match=_is_demo_broker,
     )
-
-    path = storage / STORAGE_KEY
-    now = datetime.now(UTC).isoformat()
-    if path.exists():
-        document = json.loads(path.read_text())
-    else:
-        document = {
-            "version": STORAGE_VERSION,
-            "minor_version": STORAGE_VERSION_MINOR,
-            "key": STORAGE_KEY,
-            "data": {"entries": []},
-        }
-    entries: list[dict[str, Any]] = document["data"]["entries"]
-    data = {
-        "entry_type": "meshtastic_node",
-        "connection": "tcp",
-        "host": "127.0.0.1",
-        "port": sim_port,
-    }
-    for entry in entries:
-        if entry.get("domain") == DOMAIN and entry.get("unique_id") == ENTRY_UNIQUE_ID:
-            entry["data"] = {**entry.get("data", {}), **data}
-            entry["modified_at"] = now
-            break
-    else:
-        version, minor = _flow_versions()
-        entry = {
-            "created_at": now,
-            "data": data,
-            "discovery_keys": {},
-            "disabled_by": None,
-            "domain": DOMAIN,
-            "entry_id": uuid.uuid4().hex,
-            "minor_version": minor,
-            "modified_at": now,
-            "options": {},
-            "pref_disable_new_entities": False,
-            "pref_disable_polling": False,
-            "source": "user",
-            "subentries": [],
-            "title": ENTRY_TITLE,
-            "unique_id": ENTRY_UNIQUE_ID,
-            "version": version,
-        }
-        entries.append(entry)
-    _write_json(path, document)
-    return str(entry["entry_id"])
+    return [node, broker]
 
 
-async def ensure_user(config_dir: Path, env: dict[str, str]) -> None:
-    """Create the login ``dev``/``dev`` with ``hass --script auth`` if missing."""
-    path = config_dir / ".storage" / "auth_provider.homeassistant"
-    if path.exists():
-        users = json.loads(path.read_text()).get("data", {}).get("users", [])
-        if any(user.get("username") == USERNAME for user in users):
-            return
-    proc = await asyncio.create_subprocess_exec(
-        *hass_command(),
-        "--script",
-        "auth",
-        "-c",
-        str(config_dir),
-        "add",
-        USERNAME,
-        PASSWORD,
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    output, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"hass --script auth add failed ({proc.returncode}):\n{output.decode()}"
-        )
-
-
-def prepare_config(config_dir: Path, sim_port: int) -> str:
-    """Write everything HA needs in ``config_dir``; return the entry id."""
+def prepare_config(config_dir: Path, sim_port: int, broker_port: int) -> list[str]:
+    """Write everything HA needs in ``config_dir``; return the entry ids (node, broker)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     write_configuration(config_dir)
-    link_integration(config_dir)
+    warning = link_integration(config_dir)
+    if warning:
+        log(warning)
     storage = config_dir / ".storage"
     storage.mkdir(exist_ok=True)
     write_onboarding(storage)
-    return upsert_config_entry(storage, sim_port)
+    write_login(config_dir, USERNAME, PASSWORD)
+    return upsert_config_entries(storage, demo_entries(sim_port, broker_port))
 
 
 # --------------------------------------------------------------------------
@@ -541,107 +465,274 @@ async def run_mqtt(port: int, interval: float, traffic: Traffic) -> None:
 
 
 # --------------------------------------------------------------------------
-# Checks against the running Home Assistant
+# The demo MQTT device (what the MQTT tools for AI agents can play with)
+# --------------------------------------------------------------------------
+
+#: Seconds between two readings of the demo device's sensors.
+DEVICE_INTERVAL = 10.0
+
+
+@dataclass
+class DeviceState:
+    """What the demo device reports."""
+
+    temperature: float = 21.0
+    humidity: float = 48.0
+    light: str = "off"
+    requests: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def step(self) -> None:
+        """Let the readings wander a little."""
+        self.temperature = round(
+            min(26.0, max(17.0, self.temperature + random.uniform(-0.3, 0.3))), 1
+        )
+        self.humidity = round(
+            min(70.0, max(30.0, self.humidity + random.uniform(-1.0, 1.0)))
+        )
+
+    def status(self, request: str) -> dict[str, Any]:
+        """The answer to a request on ``demo/device/request``."""
+        return {
+            "device": "demo living room",
+            "temperature_c": self.temperature,
+            "humidity_pct": self.humidity,
+            "light": self.light,
+            "uptime_s": round(time.monotonic() - self.started),
+            "requests": self.requests,
+            "request": request,
+        }
+
+
+def _text(payload: Any) -> str:
+    """An aiomqtt payload as text."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload).decode(errors="replace")
+    return "" if payload is None else str(payload)
+
+
+async def _device_message(
+    client: aiomqtt.Client, message: aiomqtt.Message, state: DeviceState
+) -> None:
+    """Switch the light, or answer a request (MQTT 5 Response Topic, else 3.1.1)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    topic = message.topic.value
+    if topic == DEVICE_LIGHT_SET:
+        command = _text(message.payload).strip().lower()
+        if command == "toggle":
+            command = "off" if state.light == "on" else "on"
+        if command in ("on", "off"):
+            state.light = command
+            await client.publish(DEVICE_LIGHT_STATE, command, qos=1, retain=True)
+        return
+    if topic != DEVICE_REQUEST:
+        return
+    state.requests += 1
+    props = message.properties
+    response_topic = getattr(props, "ResponseTopic", None) or DEVICE_RESPONSE
+    answer = Properties(PacketTypes.PUBLISH)
+    correlation = getattr(props, "CorrelationData", None)
+    if correlation is not None:
+        answer.CorrelationData = correlation
+    body = json.dumps(state.status(_text(message.payload)))
+    await client.publish(response_topic, body, qos=1, properties=answer)
+
+
+async def run_device(port: int, interval: float = DEVICE_INTERVAL) -> None:
+    """Run the demo device on ``demo/...``; reconnects; runs until cancelled.
+
+    Retained ``demo/livingroom/temperature`` and ``/humidity`` every
+    ``interval`` s; ``demo/livingroom/light/set`` (``on``, ``off``, ``toggle``)
+    switches the retained ``demo/livingroom/light/state``; a request on
+    ``demo/device/request`` is answered with the device's status as JSON on its
+    Response Topic with its Correlation Data (``mqtt_query``), or on
+    ``demo/device/response`` when it has none.
+    """
+    state = DeviceState()
+
+    async def sensor_loop(client: aiomqtt.Client) -> None:
+        while True:
+            await client.publish(
+                DEVICE_TEMPERATURE, f"{state.temperature:.1f}", qos=1, retain=True
+            )
+            await client.publish(
+                DEVICE_HUMIDITY, f"{state.humidity:.0f}", qos=1, retain=True
+            )
+            await asyncio.sleep(interval)
+            state.step()
+
+    while True:
+        try:
+            async with aiomqtt.Client(
+                "127.0.0.1",
+                port,
+                identifier="mqtt-bridge-demo-device",
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as client:
+                await client.publish(
+                    DEVICE_LIGHT_STATE, state.light, qos=1, retain=True
+                )
+                await client.subscribe(DEVICE_LIGHT_SET, qos=1)
+                await client.subscribe(DEVICE_REQUEST, qos=1)
+                sensors = asyncio.create_task(sensor_loop(client))
+                try:
+                    async for message in client.messages:
+                        await _device_message(client, message, state)
+                finally:
+                    sensors.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sensors
+        except aiomqtt.MqttError as err:
+            log(f"demo device: {err}; reconnecting in 2 s")
+            await asyncio.sleep(2)
+
+
+# --------------------------------------------------------------------------
+# The demo's access token and the MCP endpoint
 # --------------------------------------------------------------------------
 
 
-async def http_answers(session: aiohttp.ClientSession, base: str) -> bool:
-    """Return whether HA's HTTP server answers (any status) on ``base``.
+async def ensure_token(
+    session: aiohttp.ClientSession, base: str, config_dir: Path
+) -> tuple[str, bool]:
+    """Return a working long-lived access token of ``dev`` and whether it is new.
 
-    Asks for ``/manifest.json``, which needs no login: probing ``/api/`` would
-    log an "invalid authentication" warning.
+    Kept in ``config/mcp-token.txt`` (mode 0600) across starts; a token that
+    no longer works (e.g. deleted in the UI) is replaced by a new one, created
+    through the websocket API (``auth/long_lived_access_token``).
     """
+    path = config_dir / TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if token and await token_works(session, base, token):
+            return token, False
+    access = await login(session, base, USERNAME, PASSWORD)
+    token = await create_long_lived_token(
+        session, base, access, client_name=TOKEN_CLIENT_NAME
+    )
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token, True
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def mcp_lines(base: str, broker_entry_id: str, config_dir: Path) -> list[str]:
+    """The banner lines about the MCP endpoint of the demo broker entry."""
+    url = mcp_url(base, broker_entry_id)
+    token_path = _shown(config_dir / TOKEN_FILE)
+    token = f"$(cat {token_path})"
+    call = inspector_command(
+        url,
+        token,
+        "--method tools/call --tool-name mqtt_read",
+        f"--tool-arg topic={DEVICE_TEMPERATURE}",
+    )
+    return [
+        f"  MCP endpoint     {url}",
+        f"     entry:        '{BROKER_TITLE}': read+write demo/#, read msh/# "
+        "(edit the rules: Settings → Devices & services → MQTT Bridge → Configure)",
+        f"     token:        {token_path} (a long-lived token of {USERNAME}, written "
+        "once Home Assistant is up;",
+        "                   make your own: your profile → Security → Long-lived "
+        "access tokens)",
+        f"     list tools:   {inspector_command(url, token)}",
+        f"     call one:     {call}",
+        f"  Demo device      {DEVICE_TEMPERATURE}, {DEVICE_HUMIDITY}, "
+        f"{DEVICE_LIGHT_STATE} (retained);",
+        f"                   publish on|off|toggle to {DEVICE_LIGHT_SET}; "
+        f"mqtt_query {DEVICE_REQUEST}",
+    ]
+
+
+async def announce_token(
+    base: str, config_dir: Path, hass: Child, stop: asyncio.Event, timeout: float = 300
+) -> None:
+    """Once Home Assistant answers, make sure the token file works and say so."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline and not stop.is_set():
+            if hass.running and await http_answers(session, base):
+                try:
+                    _, new = await ensure_token(session, base, config_dir)
+                except (aiohttp.ClientError, RuntimeError, TimeoutError):
+                    pass  # HA is still starting (auth not ready yet)
+                else:
+                    what = "written to" if new else "still valid in"
+                    log(
+                        f"MCP access token of {USERNAME} {what} "
+                        f"{_shown(config_dir / TOKEN_FILE)}"
+                    )
+                    return
+            await asyncio.sleep(2)
+    if not stop.is_set():
+        log("WARNING: could not get an access token for MCP clients")
+
+
+async def check_mcp(url: str, token: str) -> bool:
+    """Ask the MCP endpoint for tools/list with ``token``; read and query the device."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    headers = {"Authorization": f"Bearer {token}"}
     try:
-        async with session.get(
-            f"{base}/manifest.json", timeout=aiohttp.ClientTimeout(3)
+        async with (
+            streamablehttp_client(url, headers=headers) as (read, write, _),
+            ClientSession(read, write) as session,
         ):
-            return True
-    except (aiohttp.ClientError, TimeoutError):
+            await session.initialize()
+            tools = [tool.name for tool in (await session.list_tools()).tools]
+            log(f"check: MCP tools/list with the demo token: {', '.join(tools)}")
+            reading = await session.call_tool(
+                "mqtt_read", {"topic": DEVICE_TEMPERATURE, "timeout": 5}
+            )
+            query = await session.call_tool(
+                "mqtt_query",
+                {"request_topic": DEVICE_REQUEST, "payload": "status", "timeout": 5},
+            )
+    except Exception as err:  # any failure of the endpoint fails the check
+        log(f"check: MCP endpoint {url} failed: {type(err).__name__}: {err}")
         return False
-
-
-async def login(session: aiohttp.ClientSession, base: str) -> str:
-    """Log in as ``dev`` through HA's login flow; return an access token.
-
-    The first login creates the (admin) user for the credentials that
-    ``hass --script auth`` made.
-    """
-    client_id = f"{base}/"
-    async with session.post(
-        f"{base}/auth/login_flow",
-        json={
-            "client_id": client_id,
-            "handler": ["homeassistant", None],
-            "redirect_uri": f"{base}/?auth_callback=1",
-        },
-    ) as resp:
-        resp.raise_for_status()
-        flow = await resp.json()
-    async with session.post(
-        f"{base}/auth/login_flow/{flow['flow_id']}",
-        json={"client_id": client_id, "username": USERNAME, "password": PASSWORD},
-    ) as resp:
-        resp.raise_for_status()
-        result = await resp.json()
-    if result.get("type") != "create_entry":
-        raise RuntimeError(f"login as {USERNAME} failed: {result}")
-    async with session.post(
-        f"{base}/auth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": result["result"],
-            "client_id": client_id,
-        },
-    ) as resp:
-        resp.raise_for_status()
-        token = await resp.json()
-    return str(token["access_token"])
-
-
-async def get_json(session: aiohttp.ClientSession, url: str, token: str) -> Any:
-    """GET ``url`` with a bearer token and return the JSON body."""
-    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
-        resp.raise_for_status()
-        return await resp.json()
-
-
-def integration_log_lines(log_path: Path, limit: int = 40) -> list[str]:
-    """Return HA log records about this integration or at ERROR, newest last.
-
-    A record's continuation lines (a traceback) are kept with it.
-    """
-    if not log_path.exists():
-        return []
-    lines: list[str] = []
-    keep = False
-    for line in log_path.read_text(errors="replace").splitlines():
-        if line[:2].isdigit():  # "2026-11-21 06:27:32.094 LEVEL ..." starts a record
-            keep = DOMAIN in line or " ERROR " in line or " CRITICAL " in line
-        if keep:
-            lines.append(line)
-    return lines[-limit:]
-
-
-#: Config entry states that will not turn into "loaded" by waiting.
-_FAILED_STATES = {"setup_error", "migration_error", "not_loaded", "failed_unload"}
+    ok = "mqtt_publish" in tools and len(tools) == 5
+    results = {"mqtt_read": reading, "mqtt_query": query}
+    for name, result in results.items():
+        data = result.structuredContent or {}
+        message = data.get("message") or data.get("response") or {}
+        if result.isError or not message:
+            text = result.content[0].text if result.content else data  # type: ignore[union-attr]
+            log(f"check: {name} through MCP failed: {text}")
+            ok = False
+        else:
+            log(
+                f"check: {name} through MCP: {message.get('topic')} = {message.get('payload')}"
+            )
+    return ok
 
 
 async def check(
     base: str,
-    entry_id: str,
+    entry_ids: Mapping[str, str],
     hass: Child,
+    config_dir: Path,
     *,
     timeout: float,
     uplink_wait: float,
     traffic: Traffic,
 ) -> bool:
-    """Wait for HA's HTTP server, log in and wait for the entry to be loaded."""
+    """Wait for HA, log in, wait for the entries ``{title: id}``, check MCP."""
     started = time.monotonic()
     deadline = started + timeout
     token: str | None = None
     answered = False
-    state = "unknown"
-    reason: str | None = None
+    states: dict[str, tuple[str, str | None]] = {}
+    loaded = False
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if not hass.running:
@@ -656,43 +747,48 @@ async def check(
                     )
             if answered and token is None:
                 with contextlib.suppress(aiohttp.ClientError, RuntimeError):
-                    token = await login(session, base)
-                    log(f"check: logged in as {USERNAME}/{PASSWORD}")
+                    token, new = await ensure_token(session, base, config_dir)
+                    log(
+                        f"check: logged in as {USERNAME}/{PASSWORD}; MCP token "
+                        + ("created" if new else "from the token file")
+                    )
             if token is not None:
                 try:
                     core = await get_json(session, f"{base}/api/config", token)
-                    entries = await get_json(
-                        session,
-                        f"{base}/api/config/config_entries/entry?domain={DOMAIN}",
-                        token,
-                    )
+                    states = await entry_states(session, base, token)
                 except aiohttp.ClientError:
-                    entries, core = [], {}
-                entry = next((e for e in entries if e["entry_id"] == entry_id), None)
-                if entry is not None:
-                    state, reason = entry["state"], entry.get("reason")
-                if state == "loaded":
+                    core = {}
+                mine = [states.get(i, ("unknown", None))[0] for i in entry_ids.values()]
+                if all(state == "loaded" for state in mine):
                     log(
-                        f"check: config entry '{ENTRY_TITLE}' ({DOMAIN}) loaded after "
-                        f"{time.monotonic() - started:.1f} s"
+                        f"check: config entries {', '.join(map(repr, entry_ids))} "
+                        f"({DOMAIN}) loaded after {time.monotonic() - started:.1f} s"
                     )
+                    loaded = True
                     break
-                if core.get("state") == "RUNNING" and state in _FAILED_STATES:
-                    # Startup is over and nothing will retry this entry.
+                if core.get("state") == "RUNNING" and any(
+                    state in FAILED_STATES for state in mine
+                ):
+                    # Startup is over and nothing will retry these entries.
                     break
             await asyncio.sleep(1)
-        if state != "loaded":
+        if not loaded:
             if not answered:
                 log(
                     f"check: Home Assistant did not answer on {base} in {timeout:.0f} s"
                 )
             elif token is None:
                 log(f"check: could not log in as {USERNAME}/{PASSWORD}")
-            log(
-                f"check: config entry '{ENTRY_TITLE}' ({DOMAIN}) state: {state}"
-                + (f" ({reason})" if reason else "")
-            )
+            for title, entry_id in entry_ids.items():
+                state, reason = states.get(entry_id, ("unknown", None))
+                log(
+                    f"check: config entry '{title}' ({DOMAIN}) state: {state}"
+                    + (f" ({reason})" if reason else "")
+                )
             return False
+    assert token is not None
+    if not await check_mcp(mcp_url(base, entry_ids[BROKER_TITLE]), token):
+        return False
     # Give the node's uplink a chance to cross the broker before reporting.
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(traffic.uplink_seen.wait(), uplink_wait)
@@ -754,7 +850,9 @@ async def _stop_step(what: str, step: Awaitable[Any]) -> None:
         log(f"error while stopping {what}: {err!r}")
 
 
-def print_banner(args: argparse.Namespace, broker: Mosquitto, sim_port: int) -> None:
+def print_banner(
+    args: argparse.Namespace, broker: Mosquitto, sim_port: int, broker_entry_id: str
+) -> None:
     """Tell a newcomer where to look."""
     base = f"http://{args.http_host}:{args.port}"
     config_dir = args.config_dir
@@ -763,9 +861,10 @@ def print_banner(args: argparse.Namespace, broker: Mosquitto, sim_port: int) -> 
         "MQTT Bridge demo is running",
         f"  Home Assistant   {base}   (login {USERNAME} / {PASSWORD})",
         f"  Broker           127.0.0.1:{broker.port}",
-        f"     watch it:     mosquitto_sub -p {broker.port} -t 'msh/#' -v",
+        f"     watch it:     mosquitto_sub -p {broker.port} -t 'msh/#' -t 'demo/#' -v",
         f"  Simulated node   127.0.0.1:{sim_port} (!{SIM_NODE_NUM:08x})",
         f"  Downlink         {DOWNLINK_TOPIC} every {args.downlink_interval:g} s",
+        *mcp_lines(base, broker_entry_id, config_dir),
         f"  Logs             {config_dir / 'home-assistant.log'}",
         f"                   {config_dir / 'meshsim.log'}",
         f"                   {broker.log_path}",
@@ -807,6 +906,7 @@ async def run(args: argparse.Namespace) -> int:
     sim: Child | None = None
     hass: Child | None = None
     mqtt_task: asyncio.Task[None] | None = None
+    device_task: asyncio.Task[None] | None = None
     watchers: list[asyncio.Task[None]] = []
     traffic = Traffic()
     result = 1
@@ -841,8 +941,9 @@ async def run(args: argparse.Namespace) -> int:
         )
         log(f"node simulator starting on 127.0.0.1:{sim_port} (pid {sim.proc.pid})")
 
-        entry_id = prepare_config(config_dir, sim_port)
-        await ensure_user(config_dir, env)
+        node_entry_id, broker_entry_id = prepare_config(
+            config_dir, sim_port, broker.port
+        )
 
         if not await wait_for_tcp(sim_port, sim, 15, stop) and not stop.is_set():
             log(
@@ -871,13 +972,15 @@ async def run(args: argparse.Namespace) -> int:
         mqtt_task = asyncio.create_task(
             run_mqtt(broker.port, args.downlink_interval, traffic)
         )
+        device_task = asyncio.create_task(run_device(broker.port))
 
         if args.check:
             check_task = asyncio.create_task(
                 check(
                     base,
-                    entry_id,
+                    {ENTRY_TITLE: node_entry_id, BROKER_TITLE: broker_entry_id},
                     hass,
+                    config_dir,
                     timeout=args.timeout,
                     uplink_wait=2 * args.interval + 5,
                     traffic=traffic,
@@ -899,10 +1002,13 @@ async def run(args: argparse.Namespace) -> int:
                 check_task.cancel()
                 log("check: interrupted")
         else:
-            print_banner(args, broker, sim_port)
+            print_banner(args, broker, sim_port, broker_entry_id)
+            watchers.append(
+                asyncio.create_task(announce_token(base, config_dir, hass, stop))
+            )
             result = await supervise_hass(hass, hass_argv, hass_env, stop)
     finally:
-        # Stop in order: Home Assistant, the simulator, the publisher, Mosquitto.
+        # Stop in order: Home Assistant, the simulator, the MQTT clients, Mosquitto.
         for task in watchers:
             task.cancel()
         if hass is not None:
@@ -913,6 +1019,10 @@ async def run(args: argparse.Namespace) -> int:
             log("stopping the downlink publisher")
             mqtt_task.cancel()
             await _stop_step("the publisher", _await_cancelled(mqtt_task))
+        if device_task is not None:
+            log("stopping the demo device")
+            device_task.cancel()
+            await _stop_step("the demo device", _await_cancelled(device_task))
         if broker is not None:
             log("stopping Mosquitto")
             broker.cleanup()
@@ -984,8 +1094,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="start everything, wait until HA answers and the config entry is "
-        "loaded (or --timeout passes), stop everything; exit 0 or 1",
+        help="start everything, wait until HA answers and both config entries "
+        "are loaded (or --timeout passes), ask the MCP endpoint for tools/list "
+        "with the demo token (and read and query the demo device through it), "
+        "stop everything; exit 0 or 1",
     )
     parser.add_argument(
         "--timeout", type=float, default=90.0, help="--check time limit (s)"

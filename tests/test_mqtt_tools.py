@@ -46,21 +46,22 @@ from custom_components.mqtt_bridge.engine.mqtt_tools import (
     ERR_RESPONSE_TOPIC,
     ERR_SUBSCRIBE_TIMEOUT,
     ERR_UNKNOWN_TOOL,
-    TOOL_NAMES,
     MqttTools,
-    ToolLimits,
     ToolResult,
-    _fit_collection,
-    _Received,
-    _render_fitting,
-    _TopicStore,
-    validate_arguments,
 )
 from custom_components.mqtt_bridge.engine.subscriptions import (
     FilterState,
     Subscription,
     SubscriptionRefusedError,
 )
+from custom_components.mqtt_bridge.engine.tool_arguments import validate_arguments
+from custom_components.mqtt_bridge.engine.tool_output import (
+    ReceivedMessage as _Received,
+    fit_collection as _fit_collection,
+    render_fitting as _render_fitting,
+)
+from custom_components.mqtt_bridge.engine.tool_specs import TOOL_NAMES, ToolLimits
+from custom_components.mqtt_bridge.engine.topic_store import TopicStore as _TopicStore
 from devkit.mosquitto import Mosquitto
 from devkit.rabbitmq import RabbitMQ
 from tests.common import wait_for

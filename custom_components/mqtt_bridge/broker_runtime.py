@@ -76,8 +76,9 @@ from .const import (
 )
 from .engine.acl import Acl, AclImportError, rules_from_options, rules_to_json
 from .engine.mqtt_client import PORT_PLAIN, ClientState, MqttClient, MqttSettings
-from .engine.mqtt_tools import TOOL_NAMES, MqttTools, ToolResult
+from .engine.mqtt_tools import MqttTools, ToolResult
 from .engine.supervisor import TaskHealth, supervise
+from .engine.tool_specs import TOOL_NAMES
 from .models import EntryRuntime, EntrySource
 
 _LOGGER = logging.getLogger(__name__)

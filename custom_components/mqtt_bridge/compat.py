@@ -6,7 +6,8 @@
 * Tool parameters: agents turn ``llm.Tool.parameters`` (a voluptuous schema;
   probatio's from 2026.9, which ``import voluptuous`` then returns) into JSON
   Schema. :func:`schema_from_json` builds that voluptuous schema from the
-  tools' own JSON Schema subset, keeping descriptions, enums and ranges, which
+  tools' own JSON Schema subset, keeping descriptions, defaults, enums, ranges
+  and lengths, which
   ``voluptuous_openapi.convert_to_voluptuous`` (removed from core in 2026.9)
   drops.
 """
@@ -25,7 +26,14 @@ _TYPES: dict[str, Any] = {
     "integer": int,
     "number": float,
     "boolean": bool,
+    "array": list,
+    "object": dict,
 }
+
+
+def _any_value(value: Any) -> Any:
+    """Accept any value (converted to the JSON Schema ``{}``, not ``"object"``)."""
+    return value
 
 
 def llm_context(
@@ -52,17 +60,34 @@ def llm_context(
 def _validator(prop: Mapping[str, Any]) -> Any:
     """Return the validator of one JSON Schema property (our subset).
 
-    ``type`` string/integer/number/boolean, ``enum``, ``minimum``/``maximum``.
-    Anything else is accepted as is (the engine validates every argument again).
+    ``type`` string/integer/number/boolean/array/object, ``enum``,
+    ``minimum``/``maximum`` and their ``exclusive`` forms,
+    ``minLength``/``maxLength``. Anything else (no type, a list of types) is
+    accepted as is (the engine validates every argument again).
     """
     if "enum" in prop:
         return vol.In(list(prop["enum"]))
-    kind = _TYPES.get(str(prop.get("type")))
+    kind = prop.get("type")
+    kind = _TYPES.get(kind) if isinstance(kind, str) else None
     if kind is None:
-        return object
+        return _any_value
     validators: list[Any] = [vol.Coerce(kind) if kind in (int, float) else kind]
-    if "minimum" in prop or "maximum" in prop:
-        validators.append(vol.Range(min=prop.get("minimum"), max=prop.get("maximum")))
+    bounds = {
+        "min": prop.get("exclusiveMinimum", prop.get("minimum")),
+        "max": prop.get("exclusiveMaximum", prop.get("maximum")),
+    }
+    if bounds["min"] is not None or bounds["max"] is not None:
+        validators.append(
+            vol.Range(
+                min_included="exclusiveMinimum" not in prop,
+                max_included="exclusiveMaximum" not in prop,
+                **bounds,
+            )
+        )
+    if "minLength" in prop or "maxLength" in prop:
+        validators.append(
+            vol.Length(min=prop.get("minLength"), max=prop.get("maxLength"))
+        )
     return validators[0] if len(validators) == 1 else vol.All(*validators)
 
 

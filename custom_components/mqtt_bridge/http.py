@@ -9,7 +9,9 @@ The JSON-RPC work is the engine's (:func:`.engine.mcp_server.handle_post`).
 Security: Home Assistant authentication is required (a long-lived access token
 works); the entry's option "require an administrator" refuses other users
 (403); a browser ``Origin`` that is not Home Assistant's own address is refused
-(403), against DNS rebinding (specification, "Security Warning"). Tool calls go
+(403), against DNS rebinding (specification, "Security Warning"): Home
+Assistant's own address is one of its configured URLs, or the address the
+request was sent to when that is an IP address or ``localhost``. Tool calls go
 through :meth:`BrokerRuntime.async_call_tool` with source ``mcp``, where the
 topic ACL is enforced and the call audited.
 
@@ -21,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import http
+from ipaddress import ip_address
 import json
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from homeassistant.components.http.const import KEY_HASS_USER
@@ -32,13 +34,15 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.http import KEY_HASS, HomeAssistantView
 from homeassistant.helpers.network import NoURLAvailableError, get_url
 from homeassistant.loader import async_get_loaded_integration
+from yarl import URL
 
 from .const import CONF_ENTRY_TYPE, CONF_REQUIRE_ADMIN, DOMAIN, EntryType
 from .engine.mcp_server import build_server, handle_post
 
 if TYPE_CHECKING:
     from .broker_runtime import BrokerRuntime
-    from .engine.mqtt_tools import ToolResult, ToolSpec
+    from .engine.mqtt_tools import ToolResult
+    from .engine.tool_specs import ToolSpec
 
 MCP_PATH: Final = "/api/mqtt_bridge/mcp/{entry_id}"
 SOURCE_MCP: Final = "mcp"
@@ -63,16 +67,51 @@ class _AuditedTools:
         )
 
 
-def _own_origins(hass: HomeAssistant, request: web.Request) -> set[str]:
-    """Return the origins of Home Assistant itself (scheme://host[:port])."""
-    origins = {f"{request.scheme}://{request.host}"}
-    for kwargs in ({"prefer_external": False}, {"prefer_external": True}):
+type _Origin = tuple[str, str | None, int | None]
+
+
+def _origin(url: str | URL) -> _Origin:
+    """Return ``(scheme, host, port)`` of a URL or ``Origin`` value, default ports filled."""
+    try:
+        parsed = url if isinstance(url, URL) else URL(url)
+    except ValueError:  # not a URL: matches nothing
+        return ("", None, None)
+    return (parsed.scheme.lower(), parsed.host, parsed.port)
+
+
+def _dns_proof(host: str) -> bool:
+    """Whether a host name cannot be re-pointed by DNS (an IP literal or localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _own_origins(hass: HomeAssistant, request: web.Request) -> set[_Origin]:
+    """Return the origins of Home Assistant itself.
+
+    Its configured internal, external and cloud URLs; and the address the
+    request was sent to only when that is an IP address or ``localhost``: in a
+    DNS rebinding attack the attacker's own host name resolves to Home
+    Assistant, so ``Host`` and ``Origin`` name the attacker's site and agree
+    with each other.
+    """
+    origins: set[_Origin] = set()
+    if _dns_proof(request.url.host or ""):
+        origins.add(_origin(request.url))
+    for kwargs in (
+        {"prefer_external": False},
+        {"prefer_external": True},
+        {"require_cloud": True},
+    ):
         try:
             url = get_url(hass, allow_ip=True, **kwargs)
         except NoURLAvailableError:
             continue
-        parts = urlsplit(url)
-        origins.add(f"{parts.scheme}://{parts.netloc}")
+        origins.add(_origin(url))
     return origins
 
 
@@ -113,7 +152,7 @@ class McpView(HomeAssistantView):
                 http.HTTPStatus.FORBIDDEN, "this endpoint needs an administrator"
             )
         origin = request.headers.get("Origin")
-        if origin is not None and origin not in _own_origins(hass, request):
+        if origin is not None and _origin(origin) not in _own_origins(hass, request):
             return _error(http.HTTPStatus.FORBIDDEN, f"origin {origin} not allowed")
         if entry.state is not ConfigEntryState.LOADED:
             return _error(
@@ -133,14 +172,20 @@ class McpView(HomeAssistantView):
             )
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _error(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            return _error(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
+        # StreamReader.read(n) returns what has arrived so far (one network
+        # chunk), not n bytes: read until the end, refusing more than MAX_BODY.
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _error(
+                    http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large"
+                )
         runtime: BrokerRuntime = entry.runtime_data
         tools = _AuditedTools(runtime, user.id)
         version = str(async_get_loaded_integration(hass, DOMAIN).version)
         status, payload = await handle_post(
-            body,
+            bytes(body),
             lambda: build_server(
                 tools, entry.title, resources=runtime.resources, version=version
             ),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from homeassistant.config_entries import ConfigEntry
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import llm
 from homeassistant.util.json import JsonObjectType
@@ -28,7 +29,7 @@ from .engine.acl import Permission
 
 if TYPE_CHECKING:
     from .broker_runtime import BrokerRuntime
-    from .engine.mqtt_tools import ToolSpec
+    from .engine.tool_specs import ToolSpec
 
 SOURCE_ASSIST = "assist"
 
@@ -130,9 +131,18 @@ class MqttBridgeApi(llm.API):
 
 
 def async_register(hass: HomeAssistant, runtime: BrokerRuntime) -> None:
-    """Register the entry's LLM API until the entry unloads."""
+    """Register the entry's LLM API until the entry unloads.
+
+    The API keeps the entry's title: a renamed entry is not reloaded, so the
+    name follows the entry's updates here.
+    """
     entry = runtime.entry
     api = MqttBridgeApi(
         hass=hass, id=api_id(entry.entry_id), name=entry.title, runtime=runtime
     )
     entry.async_on_unload(llm.async_register_api(hass, api))
+
+    async def _async_entry_updated(_hass: HomeAssistant, updated: ConfigEntry) -> None:
+        api.name = updated.title
+
+    entry.async_on_unload(entry.add_update_listener(_async_entry_updated))

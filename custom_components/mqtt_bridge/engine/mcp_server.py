@@ -84,7 +84,7 @@ _SDK2: Final = hasattr(Server, "add_request_handler")
 
 
 class ToolAnnotationsLike(Protocol):
-    """Hints about a tool (``mqtt_tools.ToolAnnotations``); MCP ``ToolAnnotations``."""
+    """Hints about a tool (``tool_specs.ToolAnnotations``); MCP ``ToolAnnotations``."""
 
     @property
     def read_only(self) -> bool:
@@ -104,7 +104,7 @@ class ToolAnnotationsLike(Protocol):
 
 
 class ToolSpecLike(Protocol):
-    """One tool's definition (``mqtt_tools.ToolSpec``)."""
+    """One tool's definition (``tool_specs.ToolSpec``)."""
 
     @property
     def name(self) -> str:
@@ -776,3 +776,10 @@ def _signature_check() -> None:  # pragma: no cover - import-time guard
 
 
 _signature_check()
+
+# Resolve the SDK-specific modules now, at import, never in a request: Home
+# Assistant imports integrations off its event loop and reports an import made
+# inside the loop as a blocking call (the first POST used to do it).
+supported_protocol_versions()
+if _SDK2:  # pragma: no cover - mcp 2.x
+    _v2_stateless_api()

@@ -5,27 +5,32 @@
 arguments optional) over the project's one :class:`~.mqtt_client.MqttClient`.
 It knows nothing of MCP or Home Assistant: the MCP server
 (:mod:`.mcp_server`) and the Assist LLM API turn :meth:`MqttTools.specs` into
-their tool lists and hand every call to :meth:`MqttTools.call`.
+their tool lists and hand every call to :meth:`MqttTools.call`. What the
+tools look like (names, limits, schemas, descriptions) is :mod:`.tool_specs`;
+argument checks are :mod:`.tool_arguments`; how results show messages within
+the byte budget is :mod:`.tool_output`; the topics ``mqtt_topics`` lists are
+kept in :mod:`.topic_store`.
 
 Every call, in this order:
 
-1. the arguments are checked against the tool's JSON Schema
-   (:attr:`ToolSpec.input_schema`: types, ranges, enums, ``required``,
-   ``additionalProperties: false``; ``null`` for an optional argument means its
-   default), then topic syntax, payload encoding and size;
+1. the arguments are validated (``jsonschema``) against the tool's JSON Schema
+   (:attr:`~.tool_specs.ToolSpec.input_schema`: types, ranges, enums,
+   ``required``, ``additionalProperties: false``; ``null`` for an optional
+   argument means its default), then topic syntax, payload encoding and size;
 2. the ACL (:class:`~.acl.Acl`, fetched afresh for every call, so rule changes
    apply to the next call without reconnecting) is asked; a denied call
    touches the broker in no way and returns ``is_error=True, allowed=False``
    with the missing permission, the topic and the allowed patterns;
 3. the broker is used under a deadline (``timeout`` arguments are capped at
-   :attr:`ToolLimits.max_timeout`); every subscription the call made is
-   cancelled (unsubscribed) when it ends, whatever the outcome, except the
-   response topics ``mqtt_query`` generates itself: those stay subscribed for
-   the next query (at most :data:`MAX_INBOXES`, dropped by
+   :attr:`~.tool_specs.ToolLimits.max_timeout`); every subscription the call
+   made is cancelled (unsubscribed) when it ends, whatever the outcome, except
+   the response topics ``mqtt_query`` generates itself: those stay subscribed
+   for the next query (at most :data:`MAX_INBOXES`, dropped by
    :meth:`MqttTools.refresh_acl` and :meth:`MqttTools.stop`), which saves a
    SUBSCRIBE/UNSUBSCRIBE round trip per query;
-4. the result is bounded by :attr:`ToolLimits.max_result_bytes` (the JSON of
-   ``structured``); payloads that are not UTF-8 come back base64-encoded.
+4. the result is bounded by :attr:`~.tool_specs.ToolLimits.max_result_bytes`
+   (the JSON of ``structured``); payloads that are not UTF-8 come back
+   base64-encoded.
 
 :meth:`MqttTools.call` never raises for bad input, denial, timeouts or broker
 trouble: those are ``is_error`` results (cancellation still propagates).
@@ -45,21 +50,16 @@ This module imports nothing from Home Assistant.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 import functools
-import json
 import logging
-import math
 import time
 from typing import Any, Final
 import uuid
 
-from .acl import Acl, AclDecision, AclRule, Permission
+from .acl import Acl, AclDecision, Permission
 from .mqtt_client import (
     ConnectionLostError,
     Message,
@@ -75,23 +75,44 @@ from .subscriptions import (
     Subscription,
     SubscriptionRefusedError,
 )
-from .topics import TopicError, matches, topic_filter_problem, topic_name_problem
+from .tool_arguments import (
+    ArgumentError,
+    decode_payload,
+    topic_filter_argument,
+    topic_name_argument,
+    validate_arguments,
+)
+from .tool_output import (
+    ReceivedMessage,
+    fit_collection,
+    fit_rows,
+    iso_time,
+    json_size,
+    payload_fields,
+    render_fitting,
+    to_json,
+)
+from .tool_specs import (
+    MAX_SCAN_SECONDS,
+    RESPONSE_LEVEL,
+    TOOL_NAMES,
+    TOOL_PUBLISH,
+    TOOL_QUERY,
+    TOOL_READ,
+    TOOL_SUBSCRIBE,
+    TOOL_TOPICS,
+    ToolLimits,
+    ToolSpec,
+    build_specs,
+    input_schemas,
+)
+from .topic_store import TopicStore
+from .topics import TopicError, matches, topic_name_problem
 
 _LOGGER = logging.getLogger(__name__)
 
-TOOL_PUBLISH: Final = "mqtt_publish"
-TOOL_READ: Final = "mqtt_read"
-TOOL_SUBSCRIBE: Final = "mqtt_subscribe"
-TOOL_QUERY: Final = "mqtt_query"
-TOOL_TOPICS: Final = "mqtt_topics"
-TOOL_NAMES: Final = (TOOL_PUBLISH, TOOL_READ, TOOL_SUBSCRIBE, TOOL_QUERY, TOOL_TOPICS)
-
-# Longest active scan of mqtt_topics, in seconds.
-MAX_SCAN_SECONDS: Final = 10.0
 # Longest wait for a QoS >= 1 acknowledgement of mqtt_publish / mqtt_query, in seconds.
 PUBLISH_TIMEOUT: Final = 10.0
-# The level inserted before the unique id of a generated response topic.
-RESPONSE_LEVEL: Final = "response"
 # Generated response topics kept subscribed (the least recently used idle one goes).
 MAX_INBOXES: Final = 64
 
@@ -106,54 +127,6 @@ ERR_SUBSCRIBE_TIMEOUT: Final = "subscribe_timeout"
 ERR_PUBLISH_TIMEOUT: Final = "publish_timeout"
 ERR_RESPONSE_TOPIC: Final = "response_topic_required"
 ERR_INTERNAL: Final = "internal_error"
-
-
-@dataclass(frozen=True, slots=True)
-class ToolLimits:
-    """Bounds of every tool call.
-
-    ``max_payload_bytes``: largest payload ``mqtt_publish``/``mqtt_query`` send
-    (after base64 decoding); ``max_messages``: most messages one
-    ``mqtt_subscribe`` collects; ``max_result_bytes``: largest JSON of a
-    result's ``structured`` (UTF-8 bytes), also the most payload bytes kept per
-    received message; ``max_timeout``: cap of every ``timeout`` argument, in
-    seconds; ``topic_store_size``: topics ``mqtt_topics`` remembers (the least
-    recently seen is evicted); ``preview_bytes``: payload bytes shown per topic
-    by ``mqtt_topics``.
-    """
-
-    max_payload_bytes: int = 65536
-    max_messages: int = 100
-    max_result_bytes: int = 16384
-    max_timeout: float = 60.0
-    topic_store_size: int = 1000
-    preview_bytes: int = 80
-
-
-@dataclass(frozen=True, slots=True)
-class ToolAnnotations:
-    """MCP tool annotations (``readOnlyHint``, ``destructiveHint``, ...)."""
-
-    read_only: bool
-    destructive: bool
-    open_world: bool = True
-    idempotent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ToolSpec:
-    """One tool as an agent sees it.
-
-    ``input_schema`` is a JSON Schema (draft 2020-12 subset: ``type``,
-    ``properties``, ``required``, ``additionalProperties``, ``enum``,
-    ``minimum``, ``maximum``, ``exclusiveMinimum``, ``minLength``, ``default``,
-    ``description``); ``description`` embeds the patterns the ACL allows now.
-    """
-
-    name: str
-    description: str
-    input_schema: dict[str, Any]
-    annotations: ToolAnnotations
 
 
 @dataclass(slots=True)
@@ -197,534 +170,7 @@ class ToolStats:
     filtered: int = 0
 
 
-class _ArgumentError(ValueError):
-    """Internal: an argument is invalid; the message is shown to the agent."""
-
-
-# -- payloads and times ----------------------------------------------------------------
-
-
-def _iso(timestamp: float) -> str:
-    """Return ``timestamp`` (seconds since the epoch) as ISO 8601 UTC with ms, ``Z``."""
-    text = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-def _is_utf8(payload: bytes) -> bool:
-    try:
-        payload.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _payload_fields(
-    payload: bytes, size: int, text: bool, cap: int, *, prefix: str = "payload"
-) -> dict[str, Any]:
-    """Render ``payload`` (the first bytes of ``size``) within ``cap`` shown bytes.
-
-    ``text``: the whole original payload is valid UTF-8 (else base64). The
-    result has ``{prefix}``, ``{prefix}_encoding``, ``{prefix}_bytes`` (the
-    original size) and ``{prefix}_truncated`` when not all of it is shown.
-    """
-    cap = max(cap, 0)
-    if text:
-        shown = payload[:cap].decode("utf-8", "ignore")  # drops a cut character only
-        shown_bytes = len(shown.encode())
-        encoding = "text"
-    else:
-        part = payload[: cap // 4 * 3]
-        shown = base64.b64encode(part).decode("ascii")
-        shown_bytes = len(part)
-        encoding = "base64"
-    fields: dict[str, Any] = {
-        prefix: shown,
-        f"{prefix}_encoding": encoding,
-        f"{prefix}_bytes": size,
-    }
-    if shown_bytes < size:
-        fields[f"{prefix}_truncated"] = True
-    return fields
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _json_size(value: Any) -> int:
-    return len(_json(value).encode())
-
-
-def _properties(props: PublishProperties | None) -> dict[str, Any] | None:
-    """Return the MQTT 5 properties of a received message as JSON, or ``None``."""
-    if props is None:
-        return None
-    out: dict[str, Any] = {}
-    if props.content_type is not None:
-        out["content_type"] = props.content_type
-    if props.response_topic is not None:
-        out["response_topic"] = props.response_topic
-    if props.correlation_data is not None:
-        data = props.correlation_data
-        out["correlation_data"] = (
-            data.decode() if _is_utf8(data) else base64.b64encode(data).decode()
-        )
-        if not _is_utf8(data):
-            out["correlation_data_encoding"] = "base64"
-    if props.user_properties:
-        out["user_properties"] = [[k, v] for k, v in props.user_properties]
-    if props.message_expiry_interval is not None:
-        out["message_expiry_interval"] = props.message_expiry_interval
-    if props.payload_format_indicator is not None:
-        out["payload_format_indicator"] = props.payload_format_indicator
-    return out or None
-
-
-class _Received:
-    """A received message as kept by a call: payload capped, UTF-8-ness known."""
-
-    __slots__ = ("at", "payload", "props", "qos", "retain", "size", "text", "topic")
-
-    def __init__(self, message: Message, cap: int) -> None:
-        payload = message.payload
-        self.topic = message.topic
-        self.size = len(payload)
-        self.text = _is_utf8(payload)
-        self.payload = payload[:cap]
-        self.qos = message.qos
-        self.retain = message.retain
-        self.props = message.properties
-        self.at = time.time()
-
-    def render(self, cap: int, *, with_properties: bool = True) -> dict[str, Any]:
-        """Return the JSON form with at most ``cap`` payload bytes shown."""
-        out: dict[str, Any] = {"topic": self.topic}
-        out.update(_payload_fields(self.payload, self.size, self.text, cap))
-        out["qos"] = self.qos
-        out["retain"] = self.retain
-        out["timestamp"] = _iso(self.at)
-        if with_properties and (props := _properties(self.props)) is not None:
-            out["properties"] = props
-        return out
-
-
-def _render_fitting(
-    received: _Received, budget: int, wrap: Callable[[dict[str, Any]], dict[str, Any]]
-) -> dict[str, Any]:
-    """Return ``wrap(message)`` with the payload shortened until it fits ``budget``."""
-    cap = budget
-    with_properties = True
-    while True:
-        result = wrap(received.render(cap, with_properties=with_properties))
-        size = _json_size(result)
-        if size <= budget:
-            return result
-        if cap > 0:
-            cap = max(0, min(cap // 2, cap - (size - budget)))
-        elif with_properties:
-            with_properties = False
-        else:
-            return result  # only the topic name is left; it is what it is
-
-
-# -- the topic store -------------------------------------------------------------------
-
-
-class _TopicEntry:
-    __slots__ = (
-        "count",
-        "digest",
-        "last",
-        "preview",
-        "retained",
-        "retained_digest",
-        "size",
-        "text",
-    )
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0.0
-        self.retained = False
-        self.preview = b""
-        self.size = 0
-        self.text = True
-        self.digest = 0
-        self.retained_digest: int | None = None
-
-
-class _TopicStore:
-    """Topics seen, least recently seen first; bounded (the oldest is evicted)."""
-
-    def __init__(self, capacity: int, preview_bytes: int) -> None:
-        self.capacity = max(1, capacity)
-        self.preview_bytes = max(0, preview_bytes)
-        self.entries: OrderedDict[str, _TopicEntry] = OrderedDict()
-        self.evicted = 0
-
-    def record(self, message: Message) -> bool:
-        """Record ``message``; return whether it counted as a new message.
-
-        The broker sends retained values again on every SUBSCRIBE and
-        reconnect: a retained message equal to the topic's last payload or to
-        the retained value seen before marks the topic retained but is neither
-        counted again nor shown instead of a newer live payload.
-        """
-        payload = message.payload
-        digest = hash(payload)
-        entry = self.entries.get(message.topic)
-        if entry is None:
-            entry = _TopicEntry()
-            self.entries[message.topic] = entry
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-                self.evicted += 1
-        elif message.retain and digest in (entry.digest, entry.retained_digest):
-            entry.retained = True
-            entry.retained_digest = digest
-            return False
-        self.entries.move_to_end(message.topic)
-        entry.count += 1
-        entry.last = time.time()
-        if message.retain:
-            entry.retained = True
-            entry.retained_digest = digest
-        entry.size = len(payload)
-        entry.text = _is_utf8(payload)
-        entry.preview = payload[: self.preview_bytes]
-        entry.digest = digest
-        return True
-
-    def purge(self, keep: Callable[[str], bool]) -> None:
-        """Forget every topic for which ``keep(topic)`` is false."""
-        for topic in [t for t in self.entries if not keep(t)]:
-            del self.entries[topic]
-
-
-# -- argument validation -------------------------------------------------------------------
-
-
-def _type_ok(value: Any, kind: str) -> bool:
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "boolean":
-        return isinstance(value, bool)
-    if kind == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and math.isfinite(value) and value.is_integer()
-        )
-    if kind == "number":
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and math.isfinite(value)
-        )
-    raise ValueError(f"unsupported schema type {kind!r}")  # pragma: no cover
-
-
-def _check_property(name: str, value: Any, schema: Mapping[str, Any]) -> Any:
-    """Return ``value`` (integers as ``int``) if it satisfies ``schema``.
-
-    Raises:
-        _ArgumentError: it does not; the message names the argument.
-
-    """
-    kind = schema["type"]
-    if not _type_ok(value, kind):
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise _ArgumentError(
-            f"'{name}' must be {article} {kind}, not {type(value).__name__} {value!r:.40}"
-        )
-    if kind == "integer":
-        value = int(value)
-    if "enum" in schema and value not in schema["enum"]:
-        choices = ", ".join(json.dumps(c) for c in schema["enum"])
-        raise _ArgumentError(f"'{name}' must be one of {choices}, not {value!r:.40}")
-    if "minimum" in schema and value < schema["minimum"]:
-        raise _ArgumentError(f"'{name}' must be at least {schema['minimum']}")
-    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-        raise _ArgumentError(
-            f"'{name}' must be greater than {schema['exclusiveMinimum']}"
-        )
-    if "maximum" in schema and value > schema["maximum"]:
-        raise _ArgumentError(f"'{name}' must be at most {schema['maximum']}")
-    if "minLength" in schema and len(value) < schema["minLength"]:
-        raise _ArgumentError(f"'{name}' must not be empty")
-    return value
-
-
-def validate_arguments(
-    schema: Mapping[str, Any], arguments: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """Return ``arguments`` checked against ``schema``, with defaults filled in.
-
-    ``schema`` is a :attr:`ToolSpec.input_schema`. ``None`` arguments mean
-    ``{}``; ``null`` for an optional property means its default.
-
-    Raises:
-        _ArgumentError: not an object, a missing required or unknown argument,
-            or a value of the wrong type or out of range.
-
-    """
-    if arguments is None:
-        arguments = {}
-    if not isinstance(arguments, Mapping):
-        raise _ArgumentError(
-            f"arguments must be an object, not {type(arguments).__name__}"
-        )
-    properties: Mapping[str, Any] = schema["properties"]
-    required: list[str] = schema.get("required", [])
-    unknown = sorted(str(k) for k in arguments if k not in properties)
-    if unknown:
-        raise _ArgumentError(
-            f"unknown argument{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(u) for u in unknown)}; accepted: {', '.join(properties)}"
-        )
-    result: dict[str, Any] = {}
-    for name, prop in properties.items():
-        value = arguments.get(name)
-        if value is None:
-            if name in required:
-                raise _ArgumentError(f"'{name}' is required")
-            result[name] = prop.get("default")
-            continue
-        result[name] = _check_property(name, value, prop)
-    return result
-
-
-def _decode_payload(payload: str, encoding: str, limit: int) -> bytes:
-    """Return the bytes of ``payload`` given as ``text`` or ``base64``.
-
-    Raises:
-        _ArgumentError: invalid base64, unencodable text, or more than
-            ``limit`` bytes.
-
-    """
-    if encoding == "base64":
-        try:
-            data = base64.b64decode(payload.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError) as err:
-            raise _ArgumentError(f"'payload' is not valid base64: {err}") from err
-    else:
-        try:
-            data = payload.encode()
-        except UnicodeEncodeError as err:
-            raise _ArgumentError(
-                f"'payload' cannot be encoded as UTF-8 ({err.reason}); "
-                "send binary data with payload_encoding='base64'"
-            ) from err
-    if len(data) > limit:
-        raise _ArgumentError(
-            f"'payload' is {len(data)} bytes; the limit is {limit} bytes"
-        )
-    return data
-
-
-def _topic_name(name: str, value: str) -> str:
-    if (problem := topic_name_problem(value)) is not None:
-        raise _ArgumentError(
-            f"'{name}' {value!r:.80} is not a valid MQTT topic name ({problem.value}): "
-            "publishing needs a concrete topic without + or #"
-        )
-    return value
-
-
-def _topic_filter(name: str, value: str) -> str:
-    if (problem := topic_filter_problem(value)) is not None:
-        raise _ArgumentError(
-            f"'{name}' {value!r:.80} is not a valid MQTT topic filter ({problem.value}): "
-            "+ must fill a whole level and # must be the whole last level"
-        )
-    return value
-
-
-# -- descriptions ---------------------------------------------------------------------
-
-
-def _pattern_lines(rules: Iterable[AclRule]) -> str:
-    lines = [
-        f"- {rule.pattern}" + (f": {rule.description}" if rule.description else "")
-        for rule in rules
-    ]
-    return "\n".join(lines)
-
-
-def _allowed_text(acl: Acl, permission: Permission) -> str:
-    rules = acl.patterns(permission)
-    verb = "readable" if permission is Permission.READ else "writable"
-    if not rules:
-        return (
-            f"No topic is {verb} at the moment: every such call is denied "
-            "until the Home Assistant user adds a rule."
-        )
-    return (
-        f"Topics {verb} now (MQTT filter syntax: + is one level, # this level "
-        f"and all below):\n{_pattern_lines(rules)}"
-    )
-
-
-_SYNTAX = (
-    "A filter is allowed only if every topic it can match lies within ONE "
-    "readable pattern; '+' and '#' never match topics starting with '$'."
-)
-
-
-def _annotations() -> dict[str, ToolAnnotations]:
-    return {
-        TOOL_PUBLISH: ToolAnnotations(read_only=False, destructive=True),
-        TOOL_READ: ToolAnnotations(read_only=True, destructive=False),
-        TOOL_SUBSCRIBE: ToolAnnotations(read_only=True, destructive=False),
-        # A request can make the responder do anything a publish could.
-        TOOL_QUERY: ToolAnnotations(read_only=False, destructive=True),
-        TOOL_TOPICS: ToolAnnotations(read_only=True, destructive=False),
-    }
-
-
-def _schemas(limits: ToolLimits) -> dict[str, dict[str, Any]]:
-    """Return the input schema of every tool (they depend on the limits only)."""
-    cap = f"seconds, capped at {limits.max_timeout:g}"
-    payload = {
-        "type": "string",
-        "description": (
-            "Message payload: UTF-8 text, or base64 when payload_encoding is "
-            f"'base64'; at most {limits.max_payload_bytes} bytes."
-        ),
-    }
-    encoding = {
-        "type": "string",
-        "enum": ["text", "base64"],
-        "default": "text",
-        "description": "How 'payload' is given: 'text' (UTF-8) or 'base64' (binary).",
-    }
-    qos = {
-        "type": "integer",
-        "enum": [0, 1, 2],
-        "default": 0,
-        "description": (
-            "MQTT QoS of the publish: 0 at most once, 1 at least once, 2 exactly once."
-        ),
-    }
-
-    def obj(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-        return {
-            "type": "object",
-            "properties": properties,
-            "required": required,
-            "additionalProperties": False,
-        }
-
-    return {
-        TOOL_PUBLISH: obj(
-            {
-                "topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": "Topic name to publish to (no wildcards).",
-                },
-                "payload": payload,
-                "qos": qos,
-                "retain": {
-                    "type": "boolean",
-                    "default": False,
-                    "description": (
-                        "Store the message as the topic's retained value; an "
-                        "empty retained payload deletes it."
-                    ),
-                },
-                "payload_encoding": encoding,
-            },
-            ["topic", "payload"],
-        ),
-        TOOL_READ: obj(
-            {
-                "topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": "Topic name or filter (+ and # wildcards work).",
-                },
-                "timeout": {
-                    "type": "number",
-                    "exclusiveMinimum": 0,
-                    "default": 5,
-                    "description": f"How long to wait for a message, in {cap}.",
-                },
-            },
-            ["topic"],
-        ),
-        TOOL_SUBSCRIBE: obj(
-            {
-                "topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": "Topic name or filter (+ and # wildcards work).",
-                },
-                "timeout": {
-                    "type": "number",
-                    "exclusiveMinimum": 0,
-                    "default": 30,
-                    "description": f"How long to collect, in {cap}.",
-                },
-                "max_messages": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "maximum": limits.max_messages,
-                    "default": 1,
-                    "description": "Stop after this many messages.",
-                },
-            },
-            ["topic"],
-        ),
-        TOOL_QUERY: obj(
-            {
-                "request_topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": "Topic name the request is published to.",
-                },
-                "payload": payload,
-                "response_topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": (
-                        "Topic name the answer is expected on. Omit it on MQTT 5 "
-                        "to use a unique one sent as Response Topic with "
-                        "Correlation Data; required on MQTT 3.1.1 brokers."
-                    ),
-                },
-                "timeout": {
-                    "type": "number",
-                    "exclusiveMinimum": 0,
-                    "default": 5,
-                    "description": f"How long to wait for the answer, in {cap}.",
-                },
-                "qos": qos,
-                "payload_encoding": encoding,
-            },
-            ["request_topic", "payload"],
-        ),
-        TOOL_TOPICS: obj(
-            {
-                "topic": {
-                    "type": "string",
-                    "minLength": 1,
-                    "default": "#",
-                    "description": (
-                        "Filter of the topics to list; '#' (default) lists every "
-                        "readable topic seen."
-                    ),
-                },
-                "scan_seconds": {
-                    "type": "number",
-                    "minimum": 0,
-                    "maximum": MAX_SCAN_SECONDS,
-                    "default": 0,
-                    "description": (
-                        "Listen this many seconds before answering (subscribes "
-                        "afresh, so retained values are reported too)."
-                    ),
-                },
-            },
-            [],
-        ),
-    }
+# -- response topics kept by mqtt_query --------------------------------------------
 
 
 class _Inbox:
@@ -745,7 +191,7 @@ class _Inbox:
     ) -> None:
         self.topic = topic
         self.cap = cap
-        self.waiters: dict[bytes, asyncio.Future[_Received]] = {}
+        self.waiters: dict[bytes, asyncio.Future[ReceivedMessage]] = {}
         self.closed = False
         self.sub = subscribe(self.on_message)
 
@@ -764,7 +210,7 @@ class _Inbox:
         else:
             waiter = next((w for w in self.waiters.values() if not w.done()), None)
         if waiter is not None and not waiter.done():
-            waiter.set_result(_Received(message, self.cap))
+            waiter.set_result(ReceivedMessage(message, self.cap))
 
     def release(self, key: bytes) -> None:
         """Forget the query waiting with Correlation Data ``key``."""
@@ -788,7 +234,7 @@ type _Handler = Callable[[Acl, dict[str, Any]], Awaitable[ToolResult]]
 class _Outcome:
     """Internal: a finished collection of messages."""
 
-    messages: list[_Received] = field(default_factory=list)
+    messages: list[ReceivedMessage] = field(default_factory=list)
     timed_out: bool = False
 
 
@@ -813,8 +259,7 @@ class MqttTools:
         self._acl = acl
         self.limits = limits or ToolLimits()
         self.stats = ToolStats()
-        self._schemas = _schemas(self.limits)
-        self._annotations = _annotations()
+        self._schemas = input_schemas(self.limits)
         self._handlers: dict[str, _Handler] = {
             TOOL_PUBLISH: self._publish,
             TOOL_READ: self._read,
@@ -822,7 +267,7 @@ class MqttTools:
             TOOL_QUERY: self._query,
             TOOL_TOPICS: self._topics,
         }
-        self._store = _TopicStore(
+        self._store = TopicStore(
             self.limits.topic_store_size, self.limits.preview_bytes
         )
         self._store_acl: Acl | None = None
@@ -842,63 +287,7 @@ class MqttTools:
 
     def specs(self) -> list[ToolSpec]:
         """Return the five tools with descriptions naming the patterns allowed now."""
-        acl = self._acl()
-        readable = _allowed_text(acl, Permission.READ)
-        writable = _allowed_text(acl, Permission.WRITE)
-        limits = self.limits
-        descriptions = {
-            TOOL_PUBLISH: (
-                "Publish one message to an MQTT topic (needs write permission). "
-                "Returns when the broker has it (QoS 1/2: acknowledged).\n"
-                f"{writable}"
-            ),
-            TOOL_READ: (
-                "Read the current value of a topic or wildcard filter: the "
-                "retained message if the broker holds one, else the next message "
-                "published, waiting at most 'timeout' seconds (then message is "
-                "null and timed_out true). Needs read permission on the whole "
-                f"filter. {_SYNTAX}\n{readable}"
-            ),
-            TOOL_SUBSCRIBE: (
-                "Collect messages of a topic or wildcard filter (retained values "
-                "first) until 'max_messages' arrived or 'timeout' seconds passed. "
-                f"Results over {limits.max_result_bytes} bytes are summarised: "
-                "first and last messages, an even sample in between and the "
-                f"count per topic. {_SYNTAX}\n{readable}"
-            ),
-            TOOL_QUERY: (
-                "Request/response: subscribe the response topic, publish the "
-                "request, return the first answer (or response null and "
-                "timed_out true). On MQTT 5 the request carries Response Topic "
-                "and Correlation Data and only the answer echoing that "
-                "Correlation Data (or carrying none) counts; without "
-                "response_topic one unique to Home Assistant's connection is "
-                f"used: '<request_topic>/{RESPONSE_LEVEL}/<id>' when readable, "
-                f"else '<prefix>/{RESPONSE_LEVEL}/<id>' under a readable pattern "
-                "ending in '#'. On MQTT 3.1.1 pass response_topic: the "
-                "responder must know where to answer. Needs write permission "
-                "on request_topic and read permission on the response topic.\n"
-                f"{writable}\n{readable}"
-            ),
-            TOOL_TOPICS: (
-                "List the topics seen on readable patterns since Home Assistant "
-                "connected: message count, last time (ISO 8601 UTC), whether "
-                "the broker holds a retained value, and a short payload "
-                f"preview (the {limits.topic_store_size} most recently seen "
-                "topics are kept). 'scan_seconds' (at most "
-                f"{MAX_SCAN_SECONDS:g}) listens a little first. {_SYNTAX}\n"
-                f"{readable}"
-            ),
-        }
-        return [
-            ToolSpec(
-                name,
-                descriptions[name],
-                self._schemas[name],
-                self._annotations[name],
-            )
-            for name in TOOL_NAMES
-        ]
+        return build_specs(self._acl(), self.limits, self._schemas)
 
     async def call(self, name: str, arguments: Mapping[str, Any] | None) -> ToolResult:
         """Run tool ``name`` with ``arguments`` (a JSON object).
@@ -927,7 +316,7 @@ class MqttTools:
         try:
             args = validate_arguments(self._schemas[name], arguments)
             return await handler(self._acl(), args)
-        except _ArgumentError as err:
+        except ArgumentError as err:
             return self._error(ERR_INVALID, f"{name}: {err}", topic)
         except Exception as err:
             _LOGGER.exception("MQTT tool %s failed", name)
@@ -1051,7 +440,7 @@ class MqttTools:
     def _ok(self, summary: str, structured: dict[str, Any], topic: str) -> ToolResult:
         return ToolResult(
             structured,
-            f"{summary}\n{_json(structured)}",
+            f"{summary}\n{to_json(structured)}",
             is_error=False,
             allowed=True,
             topic=topic,
@@ -1116,7 +505,7 @@ class MqttTools:
                 if key in seen_retained:
                     return
                 seen_retained.add(key)
-            outcome.messages.append(_Received(message, cap))
+            outcome.messages.append(ReceivedMessage(message, cap))
             if len(outcome.messages) >= max_messages:
                 full.set_result(None)
 
@@ -1176,8 +565,8 @@ class MqttTools:
         return None
 
     async def _publish(self, acl: Acl, args: dict[str, Any]) -> ToolResult:
-        topic = _topic_name("topic", args["topic"])
-        payload = _decode_payload(
+        topic = topic_name_argument("topic", args["topic"])
+        payload = decode_payload(
             args["payload"], args["payload_encoding"], self.limits.max_payload_bytes
         )
         decision = acl.check_publish(topic)
@@ -1204,7 +593,7 @@ class MqttTools:
     # -- mqtt_read --------------------------------------------------------------------
 
     async def _read(self, acl: Acl, args: dict[str, Any]) -> ToolResult:
-        topic_filter = _topic_filter("topic", args["topic"])
+        topic_filter = topic_filter_argument("topic", args["topic"])
         decision = acl.check_subscribe(topic_filter)
         if not decision.allowed:
             return self._denied(acl, decision, TOOL_READ)
@@ -1228,7 +617,7 @@ class MqttTools:
                 topic_filter,
             )
         received = outcome.messages[0]
-        structured = _render_fitting(
+        structured = render_fitting(
             received,
             budget,
             lambda m: {"topic": topic_filter, "message": m, "timed_out": False},
@@ -1243,7 +632,7 @@ class MqttTools:
     # -- mqtt_subscribe --------------------------------------------------------------
 
     async def _subscribe(self, acl: Acl, args: dict[str, Any]) -> ToolResult:
-        topic_filter = _topic_filter("topic", args["topic"])
+        topic_filter = topic_filter_argument("topic", args["topic"])
         decision = acl.check_subscribe(topic_filter)
         if not decision.allowed:
             return self._denied(acl, decision, TOOL_SUBSCRIBE)
@@ -1261,7 +650,7 @@ class MqttTools:
             "timed_out": outcome.timed_out,
             "duration_seconds": round(time.monotonic() - started, 3),
         }
-        structured = _fit_collection(
+        structured = fit_collection(
             outcome.messages, self.limits.max_result_bytes, base
         )
         count = len(outcome.messages)
@@ -1338,16 +727,16 @@ class MqttTools:
             inbox.close()
 
     async def _query(self, acl: Acl, args: dict[str, Any]) -> ToolResult:
-        request_topic = _topic_name("request_topic", args["request_topic"])
+        request_topic = topic_name_argument("request_topic", args["request_topic"])
         given: str | None = args["response_topic"]
         if given is not None:
-            _topic_name("response_topic", given)
+            topic_name_argument("response_topic", given)
             if given == request_topic:
-                raise _ArgumentError(
+                raise ArgumentError(
                     "'response_topic' must differ from 'request_topic' "
                     "(the request itself would be taken as the answer)"
                 )
-        payload = _decode_payload(
+        payload = decode_payload(
             args["payload"], args["payload_encoding"], self.limits.max_payload_bytes
         )
         decision = acl.check_publish(request_topic)
@@ -1387,7 +776,7 @@ class MqttTools:
         loop = asyncio.get_running_loop()
         timeout = self._timeout(args["timeout"])
         deadline = loop.time() + timeout
-        answer: asyncio.Future[_Received] = loop.create_future()
+        answer: asyncio.Future[ReceivedMessage] = loop.create_future()
         inbox: _Inbox | None = None
         if given is None and correlation is not None:
             inbox = self._inbox(response_topic)
@@ -1406,7 +795,7 @@ class MqttTools:
                     return  # somebody else's answer
                 if data is None and message.retain:
                     return  # a stale retained value, not an answer to this request
-                answer.set_result(_Received(message, cap))
+                answer.set_result(ReceivedMessage(message, cap))
 
             sub = self._client.subscribe(response_topic, on_message, _RESPONSE_OPTIONS)
         try:
@@ -1428,7 +817,7 @@ class MqttTools:
                 return error
             try:
                 async with asyncio.timeout_at(deadline):
-                    received: _Received | None = await answer
+                    received: ReceivedMessage | None = await answer
             except TimeoutError:
                 received = None
         finally:
@@ -1461,7 +850,7 @@ class MqttTools:
             and received.props.correlation_data is not None
             else "topic"
         )
-        structured = _render_fitting(
+        structured = render_fitting(
             received,
             self.limits.max_result_bytes,
             lambda m: base | {"response": m, "correlated_by": by, "timed_out": False},
@@ -1523,7 +912,7 @@ class MqttTools:
         return None
 
     async def _topics(self, acl: Acl, args: dict[str, Any]) -> ToolResult:
-        topic_filter = _topic_filter("topic", args["topic"])
+        topic_filter = topic_filter_argument("topic", args["topic"])
         # '#' lists the store, which holds readable topics only (and is
         # filtered again below): it needs some read rule, not one granting '#'.
         everything = topic_filter == "#"
@@ -1555,10 +944,10 @@ class MqttTools:
             {
                 "topic": topic,
                 "messages": entry.count,
-                "last_seen": _iso(entry.last),
+                "last_seen": iso_time(entry.last),
                 "retained": entry.retained,
             }
-            | _payload_fields(
+            | payload_fields(
                 entry.preview,
                 entry.size,
                 entry.text,
@@ -1578,9 +967,9 @@ class MqttTools:
             "truncated": False,
         }
         budget = self.limits.max_result_bytes
-        if _json_size(structured) > budget:
+        if json_size(structured) > budget:
             structured["truncated"] = True
-            structured["topics"] = _fit_rows(structured, rows, budget)
+            structured["topics"] = fit_rows(structured, rows, budget)
         shown = len(structured["topics"])
         summary = (
             f"{len(rows)} topic{'' if len(rows) == 1 else 's'} seen on {topic_filter!r}"
@@ -1626,90 +1015,3 @@ def _common_prefix(a: str, b: str) -> int:
             break
         count += 1
     return count
-
-
-def _fit_rows(
-    structured: dict[str, Any], rows: list[dict[str, Any]], budget: int
-) -> list[dict[str, Any]]:
-    """Return the longest prefix of ``rows`` that keeps ``structured`` within ``budget``."""
-    low, high = 0, len(rows)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _json_size(structured | {"topics": rows[:middle]}) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return rows[:low]
-
-
-def _spread(count: int, keep: int) -> list[int]:
-    """Return ``keep`` indices of ``range(count)``, evenly spread, first and last included."""
-    if keep >= count:
-        return list(range(count))
-    if keep == 1:
-        return [0]
-    return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
-
-
-def _fit_collection(
-    messages: list[_Received], budget: int, base: dict[str, Any]
-) -> dict[str, Any]:
-    """Return ``base`` plus the messages, summarised if over ``budget`` bytes.
-
-    Everything fits: ``messages`` lists them all, ``summarised`` is false.
-    Else (as bitsperity's pruner does) ``messages`` keeps the first, the last
-    and an even sample in between, each with its ``index`` in arrival order,
-    payloads shortened if needed, and ``per_topic`` counts every message.
-    """
-    full = base | {
-        "summarised": False,
-        "messages": [m.render(budget) for m in messages],
-    }
-    if _json_size(full) <= budget:
-        return full
-    count = len(messages)
-    per_topic = [
-        {"topic": topic, "count": n}
-        for topic, n in Counter(m.topic for m in messages).most_common()
-    ]
-
-    def build(keep: int, cap: int, topics: list[dict[str, Any]]) -> dict[str, Any]:
-        shown = [
-            {"index": i} | messages[i].render(cap, with_properties=cap > 0)
-            for i in _spread(count, keep)
-        ]
-        result = base | {
-            "summarised": True,
-            "messages": shown,
-            "omitted": count - len(shown),
-            "per_topic": topics,
-        }
-        if len(topics) < len(per_topic):
-            result["per_topic_truncated"] = True
-        return result
-
-    def most(cap: int, topics: list[dict[str, Any]]) -> int:
-        low, high = 0, count
-        while low < high:
-            middle = (low + high + 1) // 2
-            if _json_size(build(middle, cap, topics)) <= budget:
-                low = middle
-            else:
-                high = middle - 1
-        return low
-
-    # Prefer whole payloads; shorten them until at least five messages (or
-    # all) fit; failing that, the most messages with some payload shown.
-    wanted = min(count, 5)
-    keep, cap = 0, 0
-    for candidate in (budget // 4, budget // 16, 256, 64, 0):
-        fitting = most(candidate, per_topic)
-        if fitting > keep and (candidate > 0 or keep == 0):
-            keep, cap = fitting, candidate
-        if fitting >= wanted:
-            break
-    topics = per_topic
-    while keep == 0 and topics:
-        topics = topics[: len(topics) // 2]
-        keep = most(0, topics)
-    return build(keep, cap, topics)
