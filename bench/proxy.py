@@ -38,14 +38,11 @@ from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass, field
 import gc
-import importlib.metadata
 import json
 import math
 import os
 from pathlib import Path
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,8 +58,9 @@ from google.protobuf.internal import api_implementation
 from meshtastic.protobuf import mesh_pb2, mqtt_pb2, portnums_pb2
 from paho.mqtt import client as paho
 
+from bench import _report
 from devkit.meshsim import SimulatedNode, default_profile
-from devkit.mosquitto import Mosquitto, find_mosquitto
+from devkit.mosquitto import Mosquitto
 
 # -- constants ---------------------------------------------------------------------
 
@@ -914,43 +912,15 @@ def _drops(stats: dict[str, Any]) -> int:
 # -- report ------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
 def machine_line(quick: bool) -> str:
     """One line: CPU, cores, OS, Python and the versions that matter."""
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mosq = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            [find_mosquitto(), "-h"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout
-        mosq = out.splitlines()[0].replace("mosquitto version ", "") if out else "?"
-    cores = len(os.sched_getaffinity(0))
-    return (
-        f"**bench/proxy.py {'--quick' if quick else '(full)'}** · {model}, {cores} cores"
-        f" · Linux {platform.release()} · Python {platform.python_version()}"
-        f" · aiomqtt {_version('aiomqtt')} · paho-mqtt {_version('paho-mqtt')}"
-        f" · protobuf {_version('protobuf')} ({api_implementation.Type()})"
-        f" · meshtastic {_version('meshtastic')} · Mosquitto {mosq}"
+    return _report.machine_line(
+        "bench/proxy.py",
+        quick,
+        f"aiomqtt {_report.version('aiomqtt')} · paho-mqtt {_report.version('paho-mqtt')}"
+        f" · protobuf {_report.version('protobuf')} ({api_implementation.Type()})"
+        f" · meshtastic {_report.version('meshtastic')}",
     )
-
-
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def _sustained(steps: list[Step]) -> tuple[Step | None, bool]:
@@ -1022,7 +992,7 @@ def rate_rows(
             value,
             NA,
             f"≥ {target} msg/s",
-            _mark(best is not None and best.rate >= target),
+            _report.mark(best is not None and best.rate >= target),
         )
     )
     if not probe:
@@ -1048,7 +1018,7 @@ def rate_rows(
                 f"core ≈ {1e6 / max(mid.cpu_us_per_msg, 1e-6):,.0f} msg/s)",
                 NA,
                 f"< {CPU_LIMIT:.0f} %",
-                _mark(all(s.ok for s in probe) and mid.cpu["proxy"] < CPU_LIMIT),
+                _report.mark(all(s.ok for s in probe) and mid.cpu["proxy"] < CPU_LIMIT),
             )
         )
     rows.append(
@@ -1074,7 +1044,7 @@ def latency_row(
             f"{proxy.p50_us:.0f} µs",
             f"{base.p50_us:.0f} µs",
             f"{ratio:.2f}x (≤ {LATENCY_FACTOR:.0f}x)",
-            _mark(ratio <= LATENCY_FACTOR),
+            _report.mark(ratio <= LATENCY_FACTOR),
         ),
         (
             f"{label} latency p99",
@@ -1098,7 +1068,7 @@ def memory_rows(mem: Memory) -> list[tuple[str, str, str, str, str]]:
             f"{mem.peak_kib / 1024:.1f}; {mem.startup_kib / 1024:.1f} at start)",
             NA,
             f"flat (growth < {RSS_FLAT_LIMIT_MIB:.0f} MiB)",
-            _mark(growth < RSS_FLAT_LIMIT_MIB),
+            _report.mark(growth < RSS_FLAT_LIMIT_MIB),
         ),
         (
             "memory phase traffic",

@@ -44,15 +44,12 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 import contextlib
 from dataclasses import dataclass, field
-import importlib.metadata
 import json
 import logging
 import math
 import os
 from pathlib import Path
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +68,8 @@ from mcp.client.streamable_http import streamablehttp_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench import _report
+
 # The project's custom_components package is imported before PHCC's own
 # (imported lazily in llm_api()), so it wins (shared/reference/home-assistant.md §7.1).
 import custom_components.mqtt_bridge.const  # noqa: F401
@@ -85,7 +84,7 @@ from devkit.hass_runner import (
     wait_for_http,
     write_login,
 )
-from devkit.mosquitto import Mosquitto, find_mosquitto, free_port
+from devkit.mosquitto import Mosquitto, free_port
 
 V5 = aiomqtt.ProtocolVersion.V5
 #: Every bench MQTT client, like the integration's, sends at once (no Nagle).
@@ -719,43 +718,14 @@ async def fresh_sessions(results: Results, url: str, token: str) -> None:
 # -- report ---------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
 def machine_line(quick: bool) -> str:
     """One line: CPU, cores, OS, Python and the versions that matter."""
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mosq = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            [find_mosquitto(), "-h"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout
-        mosq = out.splitlines()[0].replace("mosquitto version ", "") if out else "?"
-    cores = len(os.sched_getaffinity(0))
-    return (
-        f"**bench/tools.py {'--quick' if quick else '(full)'}** · {model}, {cores} cores"
-        f" · Linux {platform.release()} · Python {platform.python_version()}"
-        f" · Home Assistant {_version('homeassistant')} · mcp {_version('mcp')}"
-        f" · aiomqtt {_version('aiomqtt')} · paho-mqtt {_version('paho-mqtt')}"
-        f" · Mosquitto {mosq}"
+    return _report.machine_line(
+        "bench/tools.py",
+        quick,
+        f"Home Assistant {_report.version('homeassistant')} · mcp {_report.version('mcp')}"
+        f" · aiomqtt {_report.version('aiomqtt')} · paho-mqtt {_report.version('paho-mqtt')}",
     )
-
-
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 Row = tuple[str, str, str, str, str]
@@ -778,7 +748,7 @@ def report(config: Config, results: Results) -> tuple[str, bool]:
             ms(http_pub.p50),
             f"FastMCP stdio `echo` {ms(echo.p50)}",
             f"{http_pub.p50 / echo.p50:.2f}x (≤ {PUBLISH_FACTOR:g}x)",
-            _mark(http_pub.p50 <= PUBLISH_FACTOR * echo.p50),
+            _report.mark(http_pub.p50 <= PUBLISH_FACTOR * echo.p50),
         ),
         (
             "`mqtt_publish` via HTTP p99",
@@ -824,7 +794,7 @@ def report(config: Config, results: Results) -> tuple[str, bool]:
             ms(llm_query.p50),
             f"raw v5 request → response {ms(raw_rr.p50)}",
             f"+{llm_query.p50 - raw_rr.p50:.2f} ms (≤ +{QUERY_EXTRA_MS:g} ms)",
-            _mark(llm_query.p50 <= raw_rr.p50 + QUERY_EXTRA_MS),
+            _report.mark(llm_query.p50 <= raw_rr.p50 + QUERY_EXTRA_MS),
         ),
         (
             "`mqtt_query` via the LLM API p99",
@@ -862,7 +832,7 @@ def report(config: Config, results: Results) -> tuple[str, bool]:
                 + (f" (first: {first})" if first else ""),
                 NA,
                 "0 errors",
-                _mark(errors == 0),
+                _report.mark(errors == 0),
             )
         )
     answered, total, first = results.fresh
@@ -873,7 +843,7 @@ def report(config: Config, results: Results) -> tuple[str, bool]:
             + (f" (first error: {first})" if first else ""),
             NA,
             f"{total} of {total} (mcpMQTT: 0 of 20)",
-            _mark(answered == total),
+            _report.mark(answered == total),
         )
     )
     paths = ("raw", "http", "llm")
@@ -886,7 +856,7 @@ def report(config: Config, results: Results) -> tuple[str, bool]:
             ),
             NA,
             "all",
-            _mark(
+            _report.mark(
                 all(
                     results.delivered.get(p, 0) == results.published.get(p, 0)
                     for p in paths

@@ -355,18 +355,7 @@ class Acl:
                 "$share/ is a prefix for shared subscriptions; publishing to "
                 "$share/… is never allowed",
             )
-        problem = topic_name_problem(topic)
-        if problem is not None:
-            return self._deny(
-                permission,
-                topic,
-                f"not a valid topic name: it {problem_text(problem)}",
-            )
-        levels = topic.split("/")
-        for rule, pattern in self._compiled:
-            if permission in rule.permissions and _matches(pattern, levels):
-                return self._allow(permission, topic, rule)
-        return self._deny(permission, topic, "no rule grants write on this topic")
+        return self._check_topic(permission, topic)
 
     def check_subscribe(self, topic_filter: str) -> AclDecision:
         """Decide whether ``topic_filter`` may be subscribed to (read).
@@ -404,7 +393,10 @@ class Acl:
         rule §4.7.2) a rule with ``read``. Used to filter deliveries. Never
         raises.
         """
-        permission = Permission.READ
+        return self._check_topic(Permission.READ, topic)
+
+    def _check_topic(self, permission: Permission, topic: str) -> AclDecision:
+        """Allow a valid topic name that matches a rule with ``permission``."""
         problem = topic_name_problem(topic)
         if problem is not None:
             return self._deny(
@@ -416,7 +408,9 @@ class Acl:
         for rule, pattern in self._compiled:
             if permission in rule.permissions and _matches(pattern, levels):
                 return self._allow(permission, topic, rule)
-        return self._deny(permission, topic, "no rule grants read on this topic")
+        return self._deny(
+            permission, topic, f"no rule grants {permission.value} on this topic"
+        )
 
 
 # --- import / export -------------------------------------------------------
