@@ -923,3 +923,34 @@ async def test_mcp2_client_auto_mode_falls_back_to_initialize(
     assert endpoint.answers[0] == (400, -32600)
     assert posts[1][1] == "initialize"
     assert all(code is None for _, code in endpoint.answers[1:])
+
+
+@pytest.mark.parametrize(
+    ("params", "setup"),
+    [
+        ({"name": "mqtt_publish", "arguments": {"topic": "a/1", "payload": "x"}}, None),
+        ({"name": "mqtt_publish", "arguments": {"topic": "b/1", "payload": "x"}}, None),
+        ({"name": "mqtt_read", "arguments": {}}, None),
+        ({"name": "mqtt_read"}, None),
+        ({"name": "nope", "arguments": {}}, None),
+        ({"name": "mqtt_read", "arguments": {"topic": "a"}}, "raise_in_call"),
+        ({"name": "mqtt_read", "arguments": {"topic": "a"}}, "raise_in_specs"),
+        ({"name": "mqtt_read", "arguments": {"topic": "a"}}, "delay"),
+    ],
+)
+async def test_direct_tools_call_answers_like_the_sdk_session(
+    tools: FakeTools, params: dict[str, Any], setup: str | None
+) -> None:
+    """handle_post answers tools/call without the SDK session: same bytes as with it."""
+    if setup == "delay":
+        tools.delay = 30
+    elif setup is not None:
+        setattr(tools, setup, True)
+    obj = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}
+    status, direct = await handle_post(body(obj), lambda: make_server(tools), timeout=0.2)
+    assert status == 200
+    message = mcp_server._MESSAGE_ADAPTER.validate_python(obj)
+    via_session = await mcp_server._exchange(
+        make_server(tools), message, 9, "2025-06-18", 0.2
+    )
+    assert direct == via_session
