@@ -67,6 +67,9 @@ DISCONNECTED: Final = "notifications/disconnected"
 ONLINE: Final = "notifications/server/online"
 # Messages buffered per direction of a session before new ones are dropped.
 BUFFER: Final = 1024
+# Seconds a session handler gets to finish after its input is closed (a hosted
+# stdio server stops its child process) before its task is cancelled.
+SESSION_CLOSE_GRACE: Final = 5.0
 
 _MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(types.JSONRPCMessage)
 _DISCONNECTED_PAYLOAD: Final = json.dumps(
@@ -276,8 +279,13 @@ class McpMqttServer:
         max_sessions: int = 16,
         idle_timeout: float = 600.0,
         qos: int = 1,
+        close_grace: float = SESSION_CLOSE_GRACE,
     ) -> None:
-        """Prepare the server; ``server_name`` is validated (spec §1.2)."""
+        """Prepare the server; ``server_name`` is validated (spec §1.2).
+
+        ``close_grace`` is how many seconds an ended session's handler may take
+        to finish after its input closed before it is cancelled.
+        """
         self.client = client
         self.server_id = client.client_id
         self.server_name = validate_server_name(server_name)
@@ -287,11 +295,13 @@ class McpMqttServer:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.qos = qos
+        self.close_grace = close_grace
         self.sessions: dict[str, SessionInfo] = {}
         self.stats = McpMqttStats()
         self._sessions: dict[str, _Session] = {}
         self._props = _properties(SERVER_COMPONENT, self.server_id)
         self._starting: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def will(client_id: str, server_name: str) -> Will:
@@ -367,8 +377,6 @@ class McpMqttServer:
         finally:
             remove()
             control.cancel()
-            tasks = [s.task for s in self._sessions.values() if s.task is not None]
-            tasks += list(self._starting)
             for task in self._starting:
                 task.cancel()
             for client_id in list(self._sessions):
@@ -377,8 +385,13 @@ class McpMqttServer:
                     _DISCONNECTED_PAYLOAD,
                 )
                 self._end(client_id)
+            tasks = self._closing | self._starting
             if tasks:
-                await asyncio.wait(tasks, timeout=2)
+                _done, pending = await asyncio.wait(tasks, timeout=self.close_grace)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=self.close_grace)
             await self._clear_presence()
 
     async def _clear_presence(self) -> None:
@@ -571,9 +584,15 @@ class McpMqttServer:
             return
         for subscription in session.subscriptions:
             subscription.cancel()
+        # The handler sees its input end and finishes (a hosted stdio server
+        # stops its child); it is cancelled only if it overstays the grace time.
         session.to_handler.close()
-        if session.task is not None and session.task is not asyncio.current_task():
-            session.task.cancel()
+        task = session.task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            timer = asyncio.get_running_loop().call_later(self.close_grace, task.cancel)
+            task.add_done_callback(lambda _task: timer.cancel())
         else:
             session.close()
 
