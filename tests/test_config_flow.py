@@ -12,10 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 import contextlib
 from ipaddress import ip_address
-import json
 import os
-from pathlib import Path
-import re
 from unittest.mock import AsyncMock, patch
 
 from homeassistant.config_entries import (
@@ -56,64 +53,26 @@ from custom_components.mqtt_bridge.const import (
 from custom_components.mqtt_bridge.engine.mqtt_client import MqttSettings
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto, free_port
-from tests.common import MINOR_VERSION, VERSION, node_data
+from tests.common import (
+    MINOR_VERSION,
+    NODE_NUM,
+    TRANSLATIONS,
+    VERSION,
+    check_flow_translations,
+    node_data,
+)
 
-NODE_NUM = 0x1A2B3C4D
 NODE_ID = "!1a2b3c4d"
 OTHER_NUM = 0x0BADCAFE
 
 
 # -- fixtures -------------------------------------------------------------------
 
-TRANSLATIONS = json.loads(
-    (Path(config_flow.__file__).parent / "translations" / "en.json").read_text(
-        encoding="utf-8"
-    )
-)
-
-
-def _placeholders(text: str) -> set[str]:
-    return set(re.findall(r"\{(\w+)\}", text))
-
-
-def _check_translated(result: dict, section: str) -> None:
-    """Fail when a shown step, field, error or abort has no English text."""
-    strings = TRANSLATIONS[section]
-    kind = result["type"]
-    given = set(result.get("description_placeholders") or {})
-    if kind in (FlowResultType.FORM, FlowResultType.MENU):
-        step = strings["step"][result["step_id"]]
-        assert step["title"]
-        assert _placeholders(step["title"] + step.get("description", "")) <= given
-    if kind is FlowResultType.MENU:
-        for option in result["menu_options"]:
-            assert step["menu_options"][option]
-    if kind is FlowResultType.FORM:
-        for key in result["data_schema"].schema if result["data_schema"] else ():
-            assert step["data"][str(key)]
-            assert step["data_description"][str(key)]
-        for error in (result["errors"] or {}).values():
-            assert strings["error"][error]
-    if kind is FlowResultType.ABORT:
-        assert _placeholders(strings["abort"][result["reason"]]) <= given
-
 
 @pytest.fixture(autouse=True)
 def _translations_checked(hass: HomeAssistant) -> None:
     """Check every flow result of the test against translations/en.json."""
-    for manager, section in (
-        (hass.config_entries.flow, "config"),
-        (hass.config_entries.options, "options"),
-    ):
-        for name in ("async_init", "async_configure"):
-            original = getattr(manager, name)
-
-            async def checked(*args, _original=original, _section=section, **kwargs):
-                result = await _original(*args, **kwargs)
-                _check_translated(result, _section)
-                return result
-
-            setattr(manager, name, checked)
+    check_flow_translations(hass)
 
 
 @pytest.fixture
