@@ -78,6 +78,7 @@ from devkit.hass_runner import (
     broker_entry,
     create_long_lived_token,
     login,
+    mcp_session,
     mcp_url,
     prepare_minimal_config,
     wait_for_entries,
@@ -410,18 +411,6 @@ async def raw_poster(
 
 
 @contextlib.asynccontextmanager
-async def http_session(url: str, token: str) -> AsyncIterator[ClientSession]:
-    """An initialized ``mcp`` session over Streamable HTTP with ``token``."""
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        streamablehttp_client(url, headers=headers) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-@contextlib.asynccontextmanager
 async def real_hass(broker: Mosquitto, workdir: Path) -> AsyncIterator[tuple[str, str]]:
     """A ``hass`` process with a broker entry on ``bench/http/#``; yields (url, token)."""
     port = free_port()
@@ -559,7 +548,7 @@ async def run(config: Config) -> tuple[str, bool]:
                 api = await stack.enter_async_context(llm_api(broker, workdir))
                 echo = await stack.enter_async_context(stdio_echo())
                 echo_http = await stack.enter_async_context(http_echo())
-                http = await stack.enter_async_context(http_session(url, token))
+                http = await stack.enter_async_context(mcp_session(url, token))
                 await http.list_tools()  # as clients do
                 post = await stack.enter_async_context(raw_poster(url, token))
                 calls = callers(
@@ -703,7 +692,7 @@ async def fresh_sessions(results: Results, url: str, token: str) -> None:
     first_error = ""
     for _ in range(FRESH_SESSIONS):
         try:
-            async with http_session(url, token) as session:
+            async with mcp_session(url, token) as session:
                 result = await session.call_tool(
                     "mqtt_query",
                     _args(QUERY_ARGS, "request_topic", "bench/http/request"),

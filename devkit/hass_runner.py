@@ -27,7 +27,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +43,8 @@ from typing import Any, Self
 import uuid
 
 import aiohttp
+from mcp import ClientSession
+from mcp.client.streamable_http import streamablehttp_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "mqtt_bridge"
@@ -807,3 +809,15 @@ def integration_log_lines(log_path: Path, limit: int = 40) -> list[str]:
         if keep:
             lines.append(line)
     return lines[-limit:]
+
+
+@contextlib.asynccontextmanager
+async def mcp_session(url: str, token: str) -> AsyncIterator[ClientSession]:
+    """An initialized ``mcp`` client session over Streamable HTTP with ``token``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        streamablehttp_client(url, headers=headers) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session

@@ -58,6 +58,7 @@ from devkit.hass_runner import (
     get_json,
     integration_log_lines,
     login,
+    mcp_session,
     prepare_minimal_config,
     wait_for_entries,
     wait_for_http,
@@ -211,18 +212,6 @@ async def server(real_hass: RealHass) -> RealHass:
             real_hass.admin_token = admin_token
     assert real_hass.process.running, real_hass.process.log_tail()
     return real_hass
-
-
-@contextlib.asynccontextmanager
-async def mcp_session(url: str, token: str) -> AsyncIterator[ClientSession]:
-    """An initialized ``mcp`` client session over Streamable HTTP with ``token``."""
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        streamablehttp_client(url, headers=headers) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
 
 
 @contextlib.asynccontextmanager
