@@ -1,15 +1,26 @@
-"""What every benchmark table starts with: the machine and the versions measured."""
+"""What the benchmarks share: the table's machine line, PASS/FAIL, percentiles, a quiet wait.
+
+- :func:`machine_line`: the machine and the versions measured (every table's first line);
+- :func:`percentile`: nearest-rank, NaN for no samples;
+- :func:`wait_quiet`: wait for other processes to idle before measuring.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 import contextlib
 import importlib.metadata
+import math
 import os
 from pathlib import Path
 import platform
 import subprocess
+import time
 
 from devkit.mosquitto import find_mosquitto
+
+QUIET_LIMIT = 10.0  # % of one core other processes may use without a warning
 
 
 def version(dist: str) -> str:
@@ -49,3 +60,27 @@ def machine_line(bench: str, quick: bool, versions: str) -> str:
 def mark(ok: bool) -> str:
     """PASS or FAIL."""
     return "PASS" if ok else "FAIL"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1) of ``values``; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def wait_quiet(limit_s: float, busy_seconds: Callable[[], float]) -> float:
+    """Wait (up to ``limit_s``) for a 1-s window in which other processes are idle.
+
+    ``busy_seconds()`` is the machine's busy CPU time so far, in s (each bench
+    reads ``/proc/stat`` its own way). Returns the last window's busy share in
+    % of one core; idle means below :data:`QUIET_LIMIT`.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = busy_seconds()
+        await asyncio.sleep(1.0)
+        busy = 100.0 * (busy_seconds() - before)
+        if busy < QUIET_LIMIT or time.monotonic() >= deadline:
+            return busy

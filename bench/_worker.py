@@ -24,31 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import cProfile
-import json
 import logging
 from pathlib import Path
 import sys
 import time
-import types
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _child
 
-
-def _load_engine_packages() -> None:
-    """Register the two parent packages as bare namespaces (no HA import)."""
-    for name, path in (
-        ("custom_components", ROOT / "custom_components"),
-        ("custom_components.mqtt_bridge", ROOT / "custom_components" / "mqtt_bridge"),
-    ):
-        module = types.ModuleType(name)
-        module.__path__ = [str(path)]
-        sys.modules[name] = module
-
-
-_load_engine_packages()
+_child.load_engine()
 
 from custom_components.mqtt_bridge.engine.backoff import Backoff  # noqa: E402
 from custom_components.mqtt_bridge.engine.node_link import (  # noqa: E402
@@ -60,12 +45,6 @@ from custom_components.mqtt_bridge.engine.proxy import (  # noqa: E402
     MeshtasticProxy,
     ProxyOptions,
 )
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    """Write one JSON line to stdout (the bench reads it)."""
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def _stats(link: NodeLink, proxy: MeshtasticProxy) -> dict[str, Any]:
@@ -113,16 +92,6 @@ async def _wait_ready(link: NodeLink, proxy: MeshtasticProxy, timeout: float) ->
             await asyncio.sleep(0.01)
 
 
-async def _stdin_lines() -> asyncio.StreamReader:
-    """Return an asyncio reader on stdin."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
-    return reader
-
-
 async def main(node_port: int) -> None:
     """Run the engine until ``quit`` or EOF on stdin."""
     link = NodeLink(
@@ -135,11 +104,11 @@ async def main(node_port: int) -> None:
         asyncio.create_task(link.run(), name="link"),
         asyncio.create_task(proxy.run(), name="proxy"),
     }
-    stdin = await _stdin_lines()
+    stdin = await _child.stdin_reader()
     try:
         started = time.monotonic()
         await _wait_ready(link, proxy, 20.0)
-        _emit(
+        _child.emit(
             {
                 "event": "ready",
                 "seconds": round(time.monotonic() - started, 3),
@@ -147,16 +116,10 @@ async def main(node_port: int) -> None:
                 "homeassistant_imported": "homeassistant" in sys.modules,
             }
         )
-        while True:
-            line = (await stdin.readline()).decode().strip()
-            if line in ("", "quit"):
-                break
-            if line == "stats":
-                _emit(_stats(link, proxy))
-            elif line == "debug":
-                _emit(_debug(proxy))
-            else:
-                _emit({"event": "error", "message": f"unknown command {line!r}"})
+        await _child.serve_commands(
+            stdin,
+            {"stats": lambda: _stats(link, proxy), "debug": lambda: _debug(proxy)},
+        )
     finally:
         for task in tasks:
             task.cancel()
@@ -170,17 +133,7 @@ def run() -> None:
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    # CPU-time clock: the profile attributes CPU, not time spent preempted or idle.
-    profiler = cProfile.Profile(time.process_time) if args.profile else None
-    if profiler is not None:
-        profiler.enable()
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main(args.node_port))
-    finally:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(args.profile)
+    _child.run_profiled(main(args.node_port), args.profile)
 
 
 if __name__ == "__main__":

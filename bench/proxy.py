@@ -38,7 +38,6 @@ from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass, field
 import gc
-import json
 import math
 import os
 from pathlib import Path
@@ -58,7 +57,7 @@ from google.protobuf.internal import api_implementation
 from meshtastic.protobuf import mesh_pb2, mqtt_pb2, portnums_pb2
 from paho.mqtt import client as paho
 
-from bench import _report
+from bench import _child, _report
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
 
@@ -81,7 +80,6 @@ DOWNLINK_TARGET = 1000
 CPU_LIMIT = 50.0  # % of one core at the target rate
 RSS_FLAT_LIMIT_MIB = 4.0  # growth allowed over the memory burst
 NA = "-"  # table cell of a column that does not apply
-QUIET_LIMIT = 10.0  # % of one core other processes may use without a warning
 HARNESS_BACKLOG_LIMIT = 200  # bench-side queue beyond which a step is harness-bound
 LATENCY_BLOCK = 50  # sequential messages per direction before the next one's turn
 SPEED_SPREAD = 1.5  # max/min speed-check ratio tolerated without a warning
@@ -265,14 +263,6 @@ def speed_check() -> float:
     return min(samples)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..1) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 @dataclass(slots=True)
 class Latency:
     """p50/p99 of one sequential phase, in microseconds."""
@@ -378,7 +368,9 @@ def paho_baseline(port: int, n: int, warmup: int) -> Latency:
         for client in (sub, pub):
             client.disconnect()
             client.loop_stop()
-    return Latency(percentile(latencies, 0.5), percentile(latencies, 0.99), n)
+    return Latency(
+        _report.percentile(latencies, 0.5), _report.percentile(latencies, 0.99), n
+    )
 
 
 @dataclass(slots=True)
@@ -420,75 +412,29 @@ class _DownlinkHook(list[mesh_pb2.MqttClientProxyMessage]):
 # -- the engine child process ------------------------------------------------------
 
 
-class Worker:
+class Worker(_child.ChildProcess):
     """The proxy engine in a child process (``bench/_worker.py``)."""
+
+    label = "worker"
 
     def __init__(self, node_port: int, profile: Path | None, log: Path) -> None:
         """Prepare; :meth:`start` launches it."""
+        super().__init__(log)
         self.node_port = node_port
         self.profile = profile
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
         self.ready: dict[str, Any] = {}
-
-    @property
-    def pid(self) -> int:
-        """The child's pid."""
-        assert self.proc is not None
-        return self.proc.pid
 
     async def start(self) -> None:
         """Launch the worker and wait for its ``ready`` line (link + broker up)."""
-        argv = [sys.executable, str(ROOT / "bench" / "_worker.py")]
+        argv = [str(ROOT / "bench" / "_worker.py")]
         argv += ["--node-port", str(self.node_port)]
         if self.profile is not None:
             argv += ["--profile", str(self.profile)]
-        with self.log.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-            )
-        line = await self._read_line(30.0)
-        if line.get("event") != "ready":
-            raise RuntimeError(f"worker did not start: {line}; see {self.log}")
-        self.ready = line
-
-    async def _read_line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            raw = await self.proc.stdout.readline()
-        if not raw:
-            raise RuntimeError(f"worker exited; log:\n{self.log.read_text()[-2000:]}")
-        result: dict[str, Any] = json.loads(raw)
-        return result
+        self.ready = await self.launch(argv)
 
     async def stats(self) -> dict[str, Any]:
         """Return the engine's counters."""
-        assert self.proc is not None
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"stats\n")
-        await self.proc.stdin.drain()
-        return await self._read_line(10.0)
-
-    async def stop(self) -> None:
-        """Ask the worker to quit; kill it if it does not within 10 s."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(Exception):
-            assert proc.stdin is not None
-            proc.stdin.write(b"quit\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-        try:
-            async with asyncio.timeout(10.0):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        return await self.ask("stats")
 
 
 # -- the bench ---------------------------------------------------------------------
@@ -684,7 +630,7 @@ class Bench:
             self.trackers[kind] = None
             lat = [v / 1000 for v in tracker.latencies_ns[cfg.warmup :]]
             result[kind] = Latency(
-                percentile(lat, 0.5), percentile(lat, 0.99), len(lat)
+                _report.percentile(lat, 0.5), _report.percentile(lat, 0.99), len(lat)
             )
         return result
 
@@ -731,7 +677,7 @@ class Bench:
             total,
             tracker.received,
             total / max(1e-6, send_end - start),
-            percentile(lat_ms, 0.99),
+            _report.percentile(lat_ms, 0.99),
             cpu,
             _drops(after) - _drops(before),
             backlog,
@@ -980,7 +926,7 @@ def rate_rows(
         value += f" (next step {failed.rate}: p99 {failed.p99_ms:.0f} ms, {lost} lost"
         if failed.harness_limited:
             value += "; limited by the bench's own clients, not the proxy"
-        if failed.cpu["others"] > QUIET_LIMIT:
+        if failed.cpu["others"] > _report.QUIET_LIMIT:
             value += (
                 f"; other processes used {failed.cpu['others']:.0f} % of a core, "
                 f"proxy waited for a CPU {failed.cpu['proxy_wait']:.0f} % of the time"
@@ -1105,7 +1051,7 @@ def load_row(
     worst = max((s.cpu["others"] for s in steps), default=0.0)
     speeds = [s.speed_ms for s in steps] or [math.nan]
     varied = max(speeds) > SPEED_SPREAD * min(speeds)
-    quiet = load["others"] < QUIET_LIMIT
+    quiet = load["others"] < _report.QUIET_LIMIT
     verdict = "OK"
     if not quiet:
         verdict = "WARN: contended, numbers pessimistic"
@@ -1117,23 +1063,9 @@ def load_row(
         f"the busiest step; proxy waited for a CPU {load['proxy_wait']:.1f} % of "
         f"the time; speed check {min(speeds):.0f}-{max(speeds):.0f} ms",
         NA,
-        f"others < {QUIET_LIMIT:.0f} %, speed within {SPEED_SPREAD:.1f}x",
+        f"others < {_report.QUIET_LIMIT:.0f} %, speed within {SPEED_SPREAD:.1f}x",
         verdict,
     )
-
-
-async def wait_quiet(limit_s: float) -> float:
-    """Wait (up to ``limit_s``) for a 1-s window in which other processes are idle.
-
-    Returns the last window's busy share in % of one core.
-    """
-    deadline = time.monotonic() + limit_s
-    while True:
-        before = system_busy_seconds()
-        await asyncio.sleep(1.0)
-        busy = 100.0 * (system_busy_seconds() - before)
-        if busy < QUIET_LIMIT or time.monotonic() >= deadline:
-            return busy
 
 
 def render(header: str, rows: list[tuple[str, str, str, str, str]]) -> str:
@@ -1155,7 +1087,7 @@ async def run(config: Config) -> tuple[str, bool]:
     """Run every phase; return the report and whether all targets passed."""
     asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
     if config.wait_quiet > 0:
-        await wait_quiet(config.wait_quiet)
+        await _report.wait_quiet(config.wait_quiet, system_busy_seconds)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         bench = Bench(config, Path(tmp))
         try:

@@ -136,14 +136,6 @@ class Config:
         return cls(False, 1000, 100, 50)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..1) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 @dataclass(slots=True)
 class Latency:
     """Samples (ms) of one kind; p50/p99."""
@@ -153,12 +145,12 @@ class Latency:
     @property
     def p50(self) -> float:
         """Median, in ms."""
-        return percentile(self.samples, 0.50)
+        return _report.percentile(self.samples, 0.50)
 
     @property
     def p99(self) -> float:
         """99th percentile, in ms."""
-        return percentile(self.samples, 0.99)
+        return _report.percentile(self.samples, 0.99)
 
 
 def ms(value: float) -> str:

@@ -20,7 +20,13 @@
    living-room temperature and humidity, a light switched by
    ``demo/livingroom/light/set``, and a responder on ``demo/device/request``
    for ``mqtt_query`` (Response Topic + Correlation Data);
-7. once Home Assistant answers, makes sure ``config/mcp-token.txt`` holds a
+7. shares the simulated node on port 4404 ("Share this node" in the node
+   entry's options), for the Meshtastic apps, ``meshtastic --host
+   127.0.0.1:4404`` and MeshMonitor;
+8. hosts ``devkit/demo_mcp_server.py`` on the broker as the stdio MCP server
+   "Demo tools" (server-name ``demo/tools``, a config subentry of the broker
+   entry), which ``mqtt-bridge-mcp`` and Assist agents reach over MQTT;
+9. once Home Assistant answers, makes sure ``config/mcp-token.txt`` holds a
    working long-lived access token of ``dev`` (created through the websocket
    API) and prints the MCP endpoint and a ready MCP Inspector command.
 
@@ -34,7 +40,10 @@ process die. When Home Assistant exits to restart (exit code 100, the UI's
 ``--check`` starts everything, waits until Home Assistant answers HTTP, logs in
 as ``dev``, sees both config entries loaded, asks the MCP endpoint for
 tools/list with the demo token (and reads the demo device's temperature and
-queries its responder through it), reports what it saw, stops everything and
+queries its responder through it), finds "Demo tools" with
+``mqtt-bridge-mcp list`` and calls one of its tools through
+``mqtt-bridge-mcp connect`` with a real MCP client session, runs
+``meshtastic --host 127.0.0.1:4404 --info`` against the shared node, reports what it saw, stops everything and
 exits 0 (all good) or 1.
 """
 
@@ -108,6 +117,12 @@ BROKER_TITLE = "Demo broker"
 #: Marks the demo's broker entry (its unique id has the broker's port, which
 #: changes on every start); also the prefix of its MQTT client ids.
 BROKER_CLIENT_ID_PREFIX = "mqtt-bridge-demo"
+#: "Share this node": the port Home Assistant serves the simulated node on to
+#: the Meshtastic apps, the ``meshtastic`` CLI and MeshMonitor (the default).
+SHARE_PORT = 4404
+#: The stdio MCP server the demo broker entry hosts on MQTT (a config subentry).
+DEMO_SERVER_TITLE = "Demo tools"
+DEMO_SERVER_NAME = "demo/tools"
 #: The entry's topic rules when it is created (mcpMQTT's ``topics`` format);
 #: later edits in the UI (Settings → Devices & services → MQTT Bridge →
 #: Demo broker → Configure) are kept.
@@ -350,6 +365,12 @@ def demo_entries(sim_port: int, broker_port: int) -> list[EntrySpec]:
             "host": "127.0.0.1",
             "port": sim_port,
         },
+        option_defaults={
+            "share_node": True,
+            "share_port": SHARE_PORT,
+            "share_host": "0.0.0.0",
+            "share_networks": [],
+        },
     )
     broker = broker_entry(
         "127.0.0.1",
@@ -360,7 +381,29 @@ def demo_entries(sim_port: int, broker_port: int) -> list[EntrySpec]:
         replace_options=False,
         match=_is_demo_broker,
     )
+    broker.subentries.append(demo_stdio_server())
     return [node, broker]
+
+
+def demo_stdio_server() -> dict[str, Any]:
+    """The config subentry "Demo tools": ``devkit/demo_mcp_server.py`` on MQTT.
+
+    Hosted by the demo broker entry under the server-name
+    :data:`DEMO_SERVER_NAME`; run with this interpreter (the project's venv).
+    """
+    return {
+        "subentry_type": "stdio_server",
+        "title": DEMO_SERVER_TITLE,
+        "unique_id": DEMO_SERVER_NAME,
+        "data": {
+            "command": sys.executable,
+            "args": [str(REPO_ROOT / "devkit" / "demo_mcp_server.py")],
+            "env": "",
+            "cwd": "",
+            "server_name": DEMO_SERVER_NAME,
+            "description": "Dice, time and word count: the demo's stdio MCP server",
+        },
+    }
 
 
 def prepare_config(config_dir: Path, sim_port: int, broker_port: int) -> list[str]:
@@ -716,12 +759,106 @@ async def check_mcp(url: str, token: str) -> bool:
     return ok
 
 
+async def check_shared_node(deadline: float) -> bool:
+    """``meshtastic --host 127.0.0.1:4404 --info`` through Home Assistant's shared node.
+
+    What a user of the Meshtastic CLI does: the real ``meshtastic`` command line
+    (the project's venv) against the virtual node Home Assistant serves for
+    "Sim Node", which must show the simulated node.
+    """
+    command = [
+        str(Path(sys.executable).parent / "meshtastic"),
+        "--host",
+        f"127.0.0.1:{SHARE_PORT}",
+        "--info",
+    ]
+    text = ""
+    while time.monotonic() < deadline:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), 30)
+        except TimeoutError:
+            process.kill()
+            out, _ = await process.communicate()
+        text = out.decode(errors="replace")
+        if process.returncode == 0 and f"!{SIM_NODE_NUM:08x}" in text:
+            owner = next(
+                (line for line in text.splitlines() if line.startswith("Owner:")),
+                "",
+            )
+            log(f"check: meshtastic --host 127.0.0.1:{SHARE_PORT} --info: {owner}")
+            return True
+        await asyncio.sleep(1)
+    log(f"check: the shared node on port {SHARE_PORT} did not answer: {text[-300:]}")
+    return False
+
+
+def cli_command(broker_port: int) -> list[str]:
+    """``mqtt-bridge-mcp`` of the project's venv, pointed at the demo broker."""
+    return [
+        str(Path(sys.executable).parent / "mqtt-bridge-mcp"),
+        "--port",
+        str(broker_port),
+    ]
+
+
+async def check_mcp_over_mqtt(broker_port: int, deadline: float) -> bool:
+    """Find the hosted "Demo tools" with ``mqtt-bridge-mcp list``, call a tool through ``connect``.
+
+    What a desktop MCP client does: a real ``mcp`` ClientSession over stdio
+    to ``mqtt-bridge-mcp connect demo/tools``, across the broker to the stdio
+    server Home Assistant hosts (the broker entry's config subentry).
+    """
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    command = cli_command(broker_port)
+    listed: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        process = await asyncio.create_subprocess_exec(
+            *command, "list", "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        out, _ = await process.communicate()
+        with contextlib.suppress(ValueError):
+            listed = json.loads(out or b"[]")
+        if any(item.get("server_name") == DEMO_SERVER_NAME for item in listed):
+            break
+        await asyncio.sleep(1)
+    else:
+        log(f"check: {DEMO_SERVER_NAME} is not announced on the broker ({listed})")
+        return False
+    log(f"check: mqtt-bridge-mcp list: {', '.join(i['server_name'] for i in listed)}")
+    parameters = StdioServerParameters(
+        command=command[0], args=[*command[1:], "connect", DEMO_SERVER_NAME]
+    )
+    try:
+        async with (
+            stdio_client(parameters) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            tools = [tool.name for tool in (await session.list_tools()).tools]
+            result = await session.call_tool("word_count", {"text": "hello mesh world"})
+    except Exception as err:  # any failure of the bridge fails the check
+        log(f"check: mqtt-bridge-mcp connect {DEMO_SERVER_NAME} failed: {err!r}")
+        return False
+    text = result.content[0].text if result.content else ""  # type: ignore[union-attr]
+    log(
+        f"check: through mqtt-bridge-mcp connect {DEMO_SERVER_NAME}: tools "
+        f"{', '.join(tools)}; word_count('hello mesh world') = {text}"
+    )
+    return not result.isError and text == "3"
+
+
 async def check(
     base: str,
     entry_ids: Mapping[str, str],
     hass: Child,
     config_dir: Path,
     *,
+    broker_port: int,
     timeout: float,
     uplink_wait: float,
     traffic: Traffic,
@@ -789,6 +926,10 @@ async def check(
     assert token is not None
     if not await check_mcp(mcp_url(base, entry_ids[BROKER_TITLE]), token):
         return False
+    if not await check_mcp_over_mqtt(broker_port, time.monotonic() + 30):
+        return False
+    if not await check_shared_node(time.monotonic() + 45):
+        return False
     # Give the node's uplink a chance to cross the broker before reporting.
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(traffic.uplink_seen.wait(), uplink_wait)
@@ -850,6 +991,21 @@ async def _stop_step(what: str, step: Awaitable[Any]) -> None:
         log(f"error while stopping {what}: {err!r}")
 
 
+def bridge_lines(broker_port: int) -> list[str]:
+    """The banner lines about the stdio MCP server hosted on MQTT."""
+    cli = " ".join(cli_command(broker_port))
+    return [
+        f"  MCP over MQTT    '{DEMO_SERVER_TITLE}' ({DEMO_SERVER_NAME}): "
+        "devkit/demo_mcp_server.py hosted by 'Demo broker'",
+        "                   (add your own: the broker entry → Add stdio MCP server)",
+        f"     list:         {cli} list",
+        f"     use it:       {cli} connect {DEMO_SERVER_NAME}   (stdio, "
+        "for Claude Desktop / the MCP Inspector)",
+        f"     Assist:       the LLM API '{DEMO_SERVER_NAME} (MQTT)' in a "
+        "conversation agent's options",
+    ]
+
+
 def print_banner(
     args: argparse.Namespace, broker: Mosquitto, sim_port: int, broker_entry_id: str
 ) -> None:
@@ -863,8 +1019,13 @@ def print_banner(
         f"  Broker           127.0.0.1:{broker.port}",
         f"     watch it:     mosquitto_sub -p {broker.port} -t 'msh/#' -t 'demo/#' -v",
         f"  Simulated node   127.0.0.1:{sim_port} (!{SIM_NODE_NUM:08x})",
+        f"     shared:       port {SHARE_PORT} ('Share this node'): the Meshtastic "
+        f"app (Network, this machine's IP, port {SHARE_PORT}) or",
+        f"                   {Path(sys.executable).parent / 'meshtastic'} --host "
+        f"127.0.0.1:{SHARE_PORT} --info",
         f"  Downlink         {DOWNLINK_TOPIC} every {args.downlink_interval:g} s",
         *mcp_lines(base, broker_entry_id, config_dir),
+        *bridge_lines(broker.port),
         f"  Logs             {config_dir / 'home-assistant.log'}",
         f"                   {config_dir / 'meshsim.log'}",
         f"                   {broker.log_path}",
@@ -981,6 +1142,7 @@ async def run(args: argparse.Namespace) -> int:
                     {ENTRY_TITLE: node_entry_id, BROKER_TITLE: broker_entry_id},
                     hass,
                     config_dir,
+                    broker_port=broker.port,
                     timeout=args.timeout,
                     uplink_wait=2 * args.interval + 5,
                     traffic=traffic,

@@ -186,6 +186,14 @@ class EntrySpec:
     #: id contains a port that changes on every start); the unique id is then
     #: updated too.
     match: Callable[[Mapping[str, Any]], bool] | None = None
+    #: Options added to the entry (new or existing) where it has no such key
+    #: (a feature the demo turns on once; a later change in the UI is kept).
+    option_defaults: dict[str, Any] = field(default_factory=dict)
+    #: Config subentries (``subentry_type``, ``title``, ``unique_id``, ``data``):
+    #: one missing from the entry (by type and unique id) is added; an existing
+    #: one gets ``data`` merged in (e.g. a path that moved), the rest of it and
+    #: subentries the user added are kept.
+    subentries: list[dict[str, Any]] = field(default_factory=list)
 
     def matches(self, entry: Mapping[str, Any]) -> bool:
         """Whether stored ``entry`` is this spec's entry."""
@@ -229,7 +237,9 @@ def upsert_config_entries(storage: Path, specs: Iterable[EntrySpec]) -> list[str
                 entry["unique_id"] = spec.unique_id
                 if spec.replace_options:
                     entry["options"] = spec.options
+                entry["options"] = {**spec.option_defaults, **entry.get("options", {})}
                 entry["modified_at"] = now
+                _upsert_subentries(entry, spec.subentries)
                 break
         else:
             entry = {
@@ -241,7 +251,7 @@ def upsert_config_entries(storage: Path, specs: Iterable[EntrySpec]) -> list[str
                 "entry_id": uuid.uuid4().hex,
                 "minor_version": minor,
                 "modified_at": now,
-                "options": spec.options,
+                "options": {**spec.option_defaults, **spec.options},
                 "pref_disable_new_entities": False,
                 "pref_disable_polling": False,
                 "source": "user",
@@ -250,10 +260,36 @@ def upsert_config_entries(storage: Path, specs: Iterable[EntrySpec]) -> list[str
                 "unique_id": spec.unique_id,
                 "version": version,
             }
+            _upsert_subentries(entry, spec.subentries)
             entries.append(entry)
         ids.append(str(entry["entry_id"]))
     write_json(path, document)
     return ids
+
+
+def _upsert_subentries(
+    entry: dict[str, Any], subentries: Iterable[Mapping[str, Any]]
+) -> None:
+    """Add or update ``subentries`` in stored ``entry`` (see :class:`EntrySpec`)."""
+    stored: list[dict[str, Any]] = entry.setdefault("subentries", [])
+    for wanted in subentries:
+        for existing in stored:
+            if (existing.get("subentry_type"), existing.get("unique_id")) == (
+                wanted["subentry_type"],
+                wanted["unique_id"],
+            ):
+                existing["data"] = {**existing.get("data", {}), **wanted["data"]}
+                break
+        else:
+            stored.append(
+                {
+                    "data": dict(wanted["data"]),
+                    "subentry_id": uuid.uuid4().hex,
+                    "subentry_type": wanted["subentry_type"],
+                    "title": wanted["title"],
+                    "unique_id": wanted["unique_id"],
+                }
+            )
 
 
 def broker_entry(

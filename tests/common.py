@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 import json
 from pathlib import Path
 import re
 from typing import Any
+import uuid
 
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.mqtt_bridge.const import CONF_ENTRY_TYPE, DOMAIN, EntryType
+from custom_components.mqtt_bridge.engine.mqtt_client import (
+    MqttClient,
+    MqttSettings,
+    Will,
+)
+
+# The stdio MCP test server (works on mcp 1.x and 2.x).
+ECHO = str(Path(__file__).parent.parent / "tests_engine" / "stdio_servers" / "echo.py")
+
+
+def uid() -> str:
+    """8 random hex characters, for unique names, topics and client ids."""
+    return uuid.uuid4().hex[:8]
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -21,6 +36,22 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def mqtt_client(
+    port: int, client_id: str, will: Will | None = None
+) -> AsyncIterator[MqttClient]:
+    """A MqttClient on ``127.0.0.1:port``, connected within 10 s, stopped on exit."""
+    client = MqttClient(MqttSettings("127.0.0.1", port), client_id=client_id, will=will)
+    task = asyncio.create_task(client.run())
+    try:
+        async with asyncio.timeout(10):
+            await client.wait_connected()
+        yield client
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
 
 
 NODE_NUM = 0x1A2B3C4D  # devkit.meshsim.default_profile's node

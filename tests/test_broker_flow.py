@@ -30,6 +30,7 @@ from custom_components.mqtt_bridge.const import (
     CONF_CLIENT_ID_PREFIX,
     CONF_ENTRY_TYPE,
     CONF_INCLUDE_ASSIST,
+    CONF_MCP_SERVERS,
     CONF_REQUIRE_ADMIN,
     CONF_RULES,
     CONF_TLS,
@@ -821,15 +822,29 @@ async def test_settings(hass: HomeAssistant, broker_entry: MockConfigEntry) -> N
     rules = broker_entry.options[CONF_RULES]
     result = await _choose(hass, broker_entry, "settings")
     assert result["step_id"] == "settings"
-    assert _defaults(result) == {CONF_REQUIRE_ADMIN: False, CONF_INCLUDE_ASSIST: False}
+    assert _defaults(result) == {
+        CONF_REQUIRE_ADMIN: False,
+        CONF_INCLUDE_ASSIST: False,
+        CONF_MCP_SERVERS: "*",
+    }
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {CONF_REQUIRE_ADMIN: True, CONF_INCLUDE_ASSIST: True}
+        result["flow_id"],
+        {
+            CONF_REQUIRE_ADMIN: True,
+            CONF_INCLUDE_ASSIST: True,
+            CONF_MCP_SERVERS: "home/*, tools",
+        },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert broker_entry.options == {
         CONF_RULES: rules,
         CONF_REQUIRE_ADMIN: True,
         CONF_INCLUDE_ASSIST: True,
+        CONF_MCP_SERVERS: ["home/*", "tools"],
     }
     result = await _choose(hass, broker_entry, "settings")
-    assert _defaults(result) == {CONF_REQUIRE_ADMIN: True, CONF_INCLUDE_ASSIST: True}
+    assert _defaults(result) == {
+        CONF_REQUIRE_ADMIN: True,
+        CONF_INCLUDE_ASSIST: True,
+        CONF_MCP_SERVERS: "home/*\ntools",
+    }

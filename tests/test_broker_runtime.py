@@ -579,9 +579,8 @@ async def test_diagnostics_redacted(
     assert broker["state"] == "connected"
     assert broker["client_id"].startswith("test-bridge-")
     assert broker["stats"]["connects"] == 1
-    assert broker["granted_subscriptions"] == ["a/#"] or broker["subscriptions"] == [
-        "a/#"
-    ]
+    # a/#: the tools' topic store; the other: MCP servers announced on the broker.
+    assert broker["subscriptions"] == ["$mcp-server/presence/+/#", "a/#"]
     assert broker["task_failures"] == {}
     assert diag["acl"]["rules"] == [
         {"pattern": "a/#", "permissions": ["read", "write"], "description": "Test A"}

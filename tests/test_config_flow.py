@@ -44,6 +44,7 @@ from custom_components.mqtt_bridge.const import (
     CONF_ENTRY_TYPE,
     CONF_FORWARD_OWN_ECHOES,
     CONF_FORWARD_RETAINED,
+    CONF_SHARE_NODE,
     CONF_UPLINK_QUEUE_SIZE,
     CONNECTION_SERIAL,
     CONNECTION_TCP,
@@ -932,6 +933,7 @@ async def test_options_node_broker(hass: HomeAssistant) -> None:
         CONF_FORWARD_RETAINED: False,
         CONF_FORWARD_OWN_ECHOES: False,
         CONF_UPLINK_QUEUE_SIZE: 1000,
+        CONF_SHARE_NODE: False,
     }
 
     result = await hass.config_entries.options.async_configure(
@@ -951,6 +953,7 @@ async def test_options_node_broker(hass: HomeAssistant) -> None:
         CONF_FORWARD_RETAINED: False,
         CONF_FORWARD_OWN_ECHOES: True,
         CONF_UPLINK_QUEUE_SIZE: 250,
+        CONF_SHARE_NODE: False,
     }
     assert isinstance(entry.options[CONF_UPLINK_QUEUE_SIZE], int)
 
@@ -962,6 +965,7 @@ def _init_input(mode: str = BROKER_MODE_CUSTOM) -> dict[str, object]:
         CONF_FORWARD_RETAINED: False,
         CONF_FORWARD_OWN_ECHOES: False,
         CONF_UPLINK_QUEUE_SIZE: 1000,
+        CONF_SHARE_NODE: False,
     }
 
 

@@ -81,3 +81,17 @@ def test_engine_installs_with_pip_and_imports_without_home_assistant(
     )
     modules = set(result.stdout.split())
     assert {"mqtt_client", "subscriptions", "topics", "proxy", "node_link"} <= modules
+    assert {"cli", "mcp_mqtt", "mcp_mqtt_simple", "stdio_host"} <= modules
+    # The console script of pyproject.toml's [project.scripts].
+    script = target / "bin" / "mqtt-bridge-mcp"
+    assert script.is_file()
+    assert "mqtt_bridge_engine.cli" in script.read_text()
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert all(command in help_text for command in ("connect", "serve", "list"))

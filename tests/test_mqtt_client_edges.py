@@ -10,6 +10,12 @@ import logging
 import pytest
 
 from custom_components.mqtt_bridge.engine import mqtt_client
+from custom_components.mqtt_bridge.engine.mcp_mqtt import (
+    CLIENT_COMPONENT,
+    SERVER_COMPONENT,
+    McpMqttServer,
+    connect_user_properties,
+)
 from custom_components.mqtt_bridge.engine.mqtt_client import (
     ClientState,
     Message,
@@ -75,7 +81,9 @@ async def test_check_connection_broker_closing_every_connection() -> None:
 
 
 async def test_check_connection_broker_refusing_every_protocol() -> None:
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def refuse(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         await reader.read(1024)  # CONNECT
         writer.write(bytes([0x20, 0x02, 0x00, 0x01]))  # 3.1.1: unacceptable version
         await writer.drain()
@@ -191,3 +199,51 @@ async def test_publish_with_logging(
     async with running(settings_for(mosquitto)) as client:
         await client.publish_wait("edge/y", b"y", qos=0)
     assert "connected (MQTT 5)" in caplog.text
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+async def test_connect_and_connack_user_properties(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MQTT 5 CONNECT carries the given user properties; CONNACK's are kept.
+
+    The MCP-over-MQTT properties (spec §1.4): ``MCP-COMPONENT-TYPE`` and
+    ``MCP-META`` on CONNECT, a broker-assigned ``MCP-SERVER-NAME`` on CONNACK.
+    """
+    connects: list[bytes] = []
+    user = b"\x26" + _utf8("MCP-SERVER-NAME") + _utf8("assigned/name")
+    body = b"\x00\x00" + bytes([len(user)]) + user
+    connack = bytes([0x20, len(body)]) + body
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        connects.append(await reader.read(1024))
+        writer.write(connack)
+        await writer.drain()
+        await reader.read()
+
+    properties = connect_user_properties(SERVER_COMPONENT, {"version": "1"})
+    async with fake_broker(handler) as port:
+        settings = MqttSettings("127.0.0.1", port)
+        async with running(settings, connect_user_properties=properties) as client:
+            assert client.connack_user_properties == (
+                ("MCP-SERVER-NAME", "assigned/name"),
+            )
+            server = McpMqttServer(client, "configured/name", handler=_no_session)
+            server._check_assigned_name()
+    assert _utf8("MCP-COMPONENT-TYPE") + _utf8("mcp-server") in connects[0]
+    assert _utf8("MCP-META") + _utf8('{"version":"1"}') in connects[0]
+    assert "assigned the server-name 'assigned/name'" in caplog.text
+    assert connect_user_properties(CLIENT_COMPONENT) == (
+        ("MCP-COMPONENT-TYPE", "mcp-client"),
+        ("MCP-META", '{"implementation":"mqtt-bridge"}'),
+    )
+
+
+async def _no_session(*_args: object) -> None:
+    """A session handler that is never called."""

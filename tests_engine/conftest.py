@@ -14,38 +14,19 @@ the same tests run in ``.venv`` (HA's pins, mcp 1.12) and in ``.venv-latest``
 from __future__ import annotations
 
 from collections.abc import Iterator
-import importlib.util
 from pathlib import Path
 import sys
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = ROOT / "custom_components" / "mqtt_bridge" / "engine"
-ENGINE_PACKAGE = "mqtt_bridge_engine"
 
-
-def _register_engine() -> None:
-    """Make ``import mqtt_bridge_engine`` load this working tree's engine."""
-    spec = importlib.util.find_spec(ENGINE_PACKAGE)
-    if spec is not None and str(ENGINE) in (spec.submodule_search_locations or []):
-        return  # an editable install of this tree, or already registered
-    spec = importlib.util.spec_from_file_location(
-        ENGINE_PACKAGE,
-        ENGINE / "__init__.py",
-        submodule_search_locations=[str(ENGINE)],
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[ENGINE_PACKAGE] = module
-    spec.loader.exec_module(module)
-
-
-_register_engine()
-
-if str(ROOT) not in sys.path:  # devkit/
+if str(ROOT) not in sys.path:  # devkit/, tests_engine/
     sys.path.insert(0, str(ROOT))
+
+from tests_engine.cli_support.launch import register_engine  # noqa: E402
+
+register_engine()
 
 from devkit.mosquitto import Mosquitto  # noqa: E402
 

@@ -8,10 +8,8 @@ this checks that what the broker holds reaches an MCP client intact and that a
 denied call is an ``isError`` result whose text names the allowed patterns.
 """
 
-
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 import json
@@ -22,33 +20,18 @@ from aiohttp import web
 from mcp import ClientSession
 from mqtt_bridge_engine.acl import Acl, AclRule, Permission, rules_to_options
 from mqtt_bridge_engine.mcp_server import build_server, handle_post
-from mqtt_bridge_engine.mqtt_client import MqttClient, MqttSettings
 from mqtt_bridge_engine.mqtt_tools import MqttTools
 import pytest
 
 from devkit.mosquitto import Mosquitto
+
+from .common import mqtt_client
 
 RULES_URI = "mqtt-bridge://acl/rules"
 
 
 def dump(model: Any) -> dict[str, Any]:
     return model.model_dump(by_alias=True, mode="json", exclude_none=True)
-
-
-@asynccontextmanager
-async def mqtt_client(broker: Mosquitto) -> AsyncIterator[MqttClient]:
-    client = MqttClient(
-        MqttSettings("127.0.0.1", broker.port), client_id=f"e2e-{uuid.uuid4().hex[:8]}"
-    )
-    task = asyncio.create_task(client.run())
-    try:
-        async with asyncio.timeout(10):
-            while not client.connected:
-                await asyncio.sleep(0.01)
-        yield client
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 @asynccontextmanager

@@ -12,9 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 import json
-import threading
 from typing import Any
-import uuid
 
 from mcp import ClientSession
 from mqtt_bridge_engine import mcp_mqtt
@@ -31,52 +29,22 @@ from mqtt_bridge_engine.mqtt_client import (
     MqttClient,
     MqttSettings,
     PublishProperties,
-    Will,
 )
 from mqtt_bridge_engine.subscriptions import SubscribeOptions
 import pytest
 
 from devkit.mosquitto import Mosquitto
 
+from .common import (  # noqa: F401 - no_leftovers: autouse fixture
+    mqtt_client,
+    no_leftovers,
+    running,
+    uid,
+    wait_for,
+)
 from .test_mcp_server import FakeTools, dump, make_server
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True)
-async def no_leftovers() -> AsyncIterator[None]:
-    """No task or thread outlives a test."""
-    threads = set(threading.enumerate())
-    yield
-    await asyncio.sleep(0)
-    current = asyncio.current_task()
-    assert [t for t in asyncio.all_tasks() if t is not current and not t.done()] == []
-    # the loop's default executor (paho's blocking connect) ends with the loop
-    extra = set(threading.enumerate()) - threads
-    assert [t for t in extra if not t.name.startswith("asyncio_")] == []
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-@asynccontextmanager
-async def mqtt_client(
-    broker: Mosquitto, client_id: str | None = None, will: Will | None = None
-) -> AsyncIterator[MqttClient]:
-    client = MqttClient(
-        MqttSettings("127.0.0.1", broker.port),
-        client_id=client_id or f"t-{uid()}",
-        will=will,
-    )
-    task = asyncio.create_task(client.run())
-    try:
-        async with asyncio.timeout(10):
-            await client.wait_connected()
-        yield client
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
 
 
 async def serve_session(tools: FakeTools, _cid: str, read: Any, write: Any) -> None:
@@ -99,15 +67,9 @@ async def hosted(
         server = McpMqttServer(
             client, name, description="test server", meta={"v": 1}, **kwargs
         )
-        task = asyncio.create_task(server.run())
-        try:
-            async with asyncio.timeout(5):
-                while not client.registry.granted:
-                    await asyncio.sleep(0.01)
+        async with running(server.run()):
+            await wait_for(lambda: client.registry.granted)
             yield server
-        finally:
-            task.cancel()
-            await asyncio.wait({task})
 
 
 @asynccontextmanager
@@ -594,3 +556,254 @@ async def test_client_transport_drops_malformed_messages(mosquitto: Mosquitto) -
             f"$mcp-server/capability/{server.server_id}/{name}", b"junk"
         )
         assert dump(await s.send_ping()) == {}
+
+
+# --------------------------------------------------------------------------- #
+# Client transport: server gone, server-id, health pings, capability topic,
+# requests that cannot be answered.
+
+
+def mute_handler(
+    received: list[dict[str, Any]],
+) -> Any:
+    """A session handler that answers ``initialize`` and then only records what it gets."""
+    from mcp.shared.message import SessionMessage
+
+    async def handler(_cid: str, read: Any, write: Any) -> None:
+        async with write:
+            first = await read.receive()
+            body = {
+                "jsonrpc": "2.0",
+                "id": mcp_mqtt._root(first.message).id,
+                "result": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "serverInfo": {"name": "mute", "version": "0"},
+                },
+            }
+            await write.send(
+                SessionMessage(mcp_mqtt._MESSAGE_ADAPTER.validate_python(body))
+            )
+            async for item in read:
+                received.append(dump(mcp_mqtt._root(item.message)))
+
+    return handler
+
+
+@asynccontextmanager
+async def transport_session(
+    client: MqttClient, name: str, **kwargs: Any
+) -> AsyncIterator[tuple[ClientSession, McpMqttClientTransport]]:
+    transport = McpMqttClientTransport(client, name, **kwargs)
+    async with transport as (read, write), ClientSession(read, write) as s:
+        await s.initialize()
+        yield s, transport
+
+
+async def test_client_ends_when_the_server_presence_is_cleared(
+    mosquitto: Mosquitto,
+) -> None:
+    """An empty retained presence (the server's will) ends the session at once."""
+    name = f"test/{uid()}/gone"
+    tools = FakeTools()
+    cid = f"c-{uid()}"
+    async with (
+        hosted(mosquitto, name, tools, close_grace=0.2) as server,
+        mqtt_client(mosquitto) as observer,
+        mqtt_client(mosquitto, cid) as c,
+        transport_session(c, name, timeout=5) as (s, transport),
+    ):
+        tools.delay = 30  # the call stays in flight
+        call = asyncio.create_task(s.call_tool("mqtt_read", {"topic": "a/b"}))
+        async with asyncio.timeout(5):
+            while not tools.calls:  # the call is at the server
+                await asyncio.sleep(0.01)
+        await observer.publish_wait(
+            f"$mcp-server/presence/{server.server_id}/{name}", b"", retain=True
+        )
+        with pytest.raises(Exception, match="went offline") as failed:
+            await asyncio.wait_for(call, 5)
+        assert "presence was cleared" in str(failed.value)
+        assert transport.closed_reason is not None
+        assert transport.stats.errors == 1
+        # the session is over: a new call fails at once instead of hanging
+        with pytest.raises(Exception):  # noqa: B017 - 1.x ClosedResourceError, 2.x MCPError
+            await asyncio.wait_for(s.list_tools(), 2)
+
+
+async def test_client_ends_on_server_disconnected(mosquitto: Mosquitto) -> None:
+    """A server that stops says notifications/disconnected on the RPC topic."""
+    name = f"test/{uid()}/bye"
+    received: list[Any] = []
+
+    async def message_handler(message: Any) -> None:
+        received.append(message)
+
+    async with mqtt_client(mosquitto) as c:
+        server_context = hosted(mosquitto, name)
+        server = await server_context.__aenter__()
+        transport = McpMqttClientTransport(c, name, timeout=5)
+        async with (
+            transport as (read, write),
+            ClientSession(read, write, message_handler=message_handler) as s,
+        ):
+            await s.initialize()
+            assert list(server.sessions) == [c.client_id]
+            await server_context.__aexit__(None, None, None)
+            async with asyncio.timeout(5):
+                while transport.closed_reason is None:
+                    await asyncio.sleep(0.01)
+            assert "notifications/disconnected" in transport.closed_reason
+            with pytest.raises(Exception):  # noqa: B017 - 1.x ClosedResourceError, 2.x MCPError
+                await asyncio.wait_for(s.list_tools(), 2)
+            async with asyncio.timeout(5):
+                while not received:
+                    await asyncio.sleep(0.01)
+            assert isinstance(received[-1], ConnectionError)
+            assert str(received[-1]) == transport.closed_reason
+
+
+async def test_client_targets_a_server_id(mosquitto: Mosquitto) -> None:
+    name = f"test/{uid()}/pick"
+    async with (
+        hosted(mosquitto, name),
+        hosted(mosquitto, name) as second,
+        mqtt_client(mosquitto) as c,
+    ):
+        with pytest.raises(ValueError, match="invalid MQTT client id"):
+            McpMqttClientTransport(c, name, server_id="a/b")
+        missing = McpMqttClientTransport(c, name, server_id="nobody", timeout=0.3)
+        with pytest.raises(
+            LookupError, match=r"server 'nobody' of server-name .* not found within"
+        ):
+            await missing.__aenter__()
+        assert c.registry.filters == frozenset()  # nothing left subscribed
+        async with transport_session(
+            c, name, server_id=second.server_id, timeout=5
+        ) as (s, transport):
+            assert transport.server_id == second.server_id
+            assert list(second.sessions) == [c.client_id]
+            assert len((await s.list_tools()).tools) == 2
+
+
+async def test_client_health_pings(mosquitto: Mosquitto) -> None:
+    """Pings are answered by a real server; a server that never answers ends the session."""
+    name = f"test/{uid()}/ping"
+    mute = f"test/{uid()}/mute"
+    received: list[dict[str, Any]] = []
+    async with (
+        hosted(mosquitto, name) as server,
+        hosted(mosquitto, mute, handler=mute_handler(received)) as quiet,
+        mqtt_client(mosquitto) as observer,
+        mqtt_client(mosquitto) as c,
+    ):
+        async with transport_session(c, name, ping_interval=0.05, ping_timeout=2) as (
+            s,
+            transport,
+        ):
+            async with asyncio.timeout(5):
+                while transport.stats.pings < 3:
+                    await asyncio.sleep(0.01)
+            assert transport.closed_reason is None
+            assert len((await s.list_tools()).tools) == 2
+            assert server.stats.requests >= 5
+        async with mqtt_client(mosquitto) as c2:
+            presence = Recorder(observer, f"$mcp-client/presence/{c2.client_id}")
+            await presence.sub.wait_granted()
+            async with transport_session(
+                c2, mute, ping_interval=0.05, ping_timeout=0.2
+            ) as (_s, transport):
+                async with asyncio.timeout(5):
+                    while transport.closed_reason is None:
+                        await asyncio.sleep(0.01)
+                assert "did not answer a ping within 0.2 s" in transport.closed_reason
+                said = await presence.next()
+                assert (
+                    json.loads(said.payload)["method"] == "notifications/disconnected"
+                )
+            async with asyncio.timeout(5):
+                while quiet.sessions:  # the client said disconnected
+                    await asyncio.sleep(0.01)
+        assert received[0]["method"] == "notifications/initialized"
+        assert received[1]["method"] == "ping"
+        assert received[1]["id"].startswith(mcp_mqtt.PING_ID_PREFIX)
+
+
+async def test_client_capability_changes_reach_the_server(mosquitto: Mosquitto) -> None:
+    """notifications/roots/list_changed goes to $mcp-client/capability/{cid} (spec §1.5)."""
+    import warnings
+
+    name = f"test/{uid()}/roots"
+    received: list[dict[str, Any]] = []
+    async with (
+        hosted(mosquitto, name, handler=mute_handler(received)),
+        mqtt_client(mosquitto) as observer,
+        mqtt_client(mosquitto) as c,
+        transport_session(c, name, timeout=5) as (s, _transport),
+    ):
+        capability = Recorder(observer, f"$mcp-client/capability/{c.client_id}")
+        rpc = Recorder(observer, f"$mcp-rpc/{c.client_id}/#")
+        await asyncio.gather(capability.sub.wait_granted(), rpc.sub.wait_granted())
+        with warnings.catch_warnings():  # mcp 2.x: roots are deprecated (SEP-2577)
+            warnings.simplefilter("ignore")
+            await s.send_roots_list_changed()
+        message = await capability.next()
+        assert (
+            json.loads(message.payload)["method"] == "notifications/roots/list_changed"
+        )
+        assert props(message) == {COMPONENT_TYPE: "mcp-client", CLIENT_ID: c.client_id}
+        async with asyncio.timeout(5):
+            while len(received) < 2:
+                await asyncio.sleep(0.01)
+        assert received[1]["method"] == "notifications/roots/list_changed"
+        assert rpc.messages == []  # not on the RPC topic
+
+
+async def test_client_requests_never_hang_on_the_connection(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost connection, failed publish, unreachable broker: error answers, not hangs."""
+    name = f"test/{uid()}/lost"
+    tools = FakeTools()
+    async with (
+        hosted(mosquitto, name, tools) as server,
+        mqtt_client(mosquitto) as c,
+        transport_session(c, name, timeout=0.5) as (s, transport),
+    ):
+        code = mcp_mqtt.CONNECTION_CLOSED
+        await s.list_tools()
+        # 1. the connection drops while a call is in flight: its answer is lost
+        tools.delay = 0.5
+        call = asyncio.create_task(s.call_tool("mqtt_read", {"topic": "a/b"}))
+        async with asyncio.timeout(5):
+            while not tools.calls:
+                await asyncio.sleep(0.01)
+        c.reconnect_now()
+        with pytest.raises(Exception, match="connection to the broker was lost"):
+            await asyncio.wait_for(call, 5)
+        # after the reconnect the retained presence is seen again: calls work
+        tools.delay = 0
+        assert "content" in dump(await s.call_tool("mqtt_read", {"topic": "a/c"}))
+        # 2. a publish that fails is answered at once
+        publish = c.publish
+
+        def refuse(*_args: Any, **_kwargs: Any) -> None:
+            raise mcp_mqtt.MqttError("refused for the test")
+
+        monkeypatch.setattr(c, "publish", refuse)
+        with pytest.raises(Exception, match="not sent: refused for the test"):
+            await asyncio.wait_for(s.list_tools(), 5)
+        monkeypatch.setattr(c, "publish", publish)
+        # 3. the broker is unreachable: requests wait `timeout` for the server
+        c.update_settings(MqttSettings("127.0.0.1", 1))
+        async with asyncio.timeout(5):
+            while c.connected:
+                await asyncio.sleep(0.01)
+        with pytest.raises(
+            Exception, match=r"not reachable: no presence within 0\.5 s"
+        ):
+            await asyncio.wait_for(s.list_tools(), 5)
+        assert transport.stats.errors == 3
+        assert transport.closed_reason is None
+        assert code == -32000
+        assert server.stats.errors == 0

@@ -947,7 +947,9 @@ async def test_direct_tools_call_answers_like_the_sdk_session(
     elif setup is not None:
         setattr(tools, setup, True)
     obj = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}
-    status, direct = await handle_post(body(obj), lambda: make_server(tools), timeout=0.2)
+    status, direct = await handle_post(
+        body(obj), lambda: make_server(tools), timeout=0.2
+    )
     assert status == 200
     message = mcp_server._MESSAGE_ADAPTER.validate_python(obj)
     via_session = await mcp_server._exchange(

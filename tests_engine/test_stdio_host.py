@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 import logging
 import os
-from pathlib import Path
 import sys
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp import ClientSession, types
 from mcp.shared.message import SessionMessage
 from mqtt_bridge_engine import stdio_host
@@ -23,18 +23,21 @@ from mqtt_bridge_engine.stdio_host import (
 from pydantic import TypeAdapter
 import pytest
 
-SERVER = Path(__file__).parent / "stdio_servers" / "echo.py"
-FAST = Backoff(base=0.05, cap=0.1)
+from .common import FAST, echo_host as _host
 
 
-def _host(**kwargs: Any) -> StdioHost:
-    env = kwargs.pop("env", {})
-    return StdioHost(
-        StdioServerConfig(sys.executable, (str(SERVER),), env=env),
-        name="echo",
-        restart_backoff=FAST,
-        **kwargs,
+def _streams() -> tuple[
+    MemoryObjectSendStream[SessionMessage | Exception],
+    MemoryObjectReceiveStream[SessionMessage | Exception],
+    MemoryObjectSendStream[SessionMessage],
+    MemoryObjectReceiveStream[SessionMessage],
+]:
+    """``(to_host, host_read, host_write, from_host)``: a session's two streams, 16 deep."""
+    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
+        16
     )
+    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    return to_host, host_read, host_write, from_host
 
 
 def _text(result: Any) -> str:
@@ -79,10 +82,7 @@ async def _client(
     host: StdioHost, client_id: str = "client-1", **kwargs: Any
 ) -> AsyncIterator[ClientSession]:
     """A ClientSession whose transport is ``host.serve_session``; the session ends on exit."""
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.serve_session, client_id, host_read, host_write)
@@ -211,10 +211,7 @@ async def test_command_that_cannot_start_answers_errors() -> None:
         name="missing",
         restart_backoff=FAST,
     )
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.serve_session, "c", host_read, host_write)
@@ -228,12 +225,39 @@ async def test_command_that_cannot_start_answers_errors() -> None:
     assert host.stats.sessions == 0
 
 
+async def test_ping_is_answered_while_no_child_is_up() -> None:
+    """A health ping does not wait for a child that is restarting (or cannot start)."""
+    host = StdioHost(
+        StdioServerConfig("/nonexistent/mcp-server"),
+        name="missing",
+        restart_backoff=Backoff(base=5.0, cap=5.0),
+    )
+    to_host, host_read, host_write, from_host = _streams()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host.serve_session, "c", host_read, host_write)
+            await to_host.send(_raw(INITIALIZE))
+            assert _body(await from_host.receive())["error"]["message"] == (
+                EXITED_MESSAGE
+            )
+            await to_host.send(_raw({"id": "p1", "method": "ping"}))
+            assert _body(await from_host.receive()) == {
+                "jsonrpc": "2.0",
+                "id": "p1",
+                "result": {},
+            }
+            # nobody reads any more: the session ends at the next ping
+            from_host.close()
+            await to_host.send(_raw({"id": "p2", "method": "ping"}))
+    to_host.close()
+    assert host.stats.requests == 3
+    assert host.stats.sessions == 0
+    assert host.stats.running == 0
+
+
 async def test_cancelled_session_stops_the_child() -> None:
     host = _host()
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.serve_session, "c", host_read, host_write)
@@ -252,10 +276,7 @@ async def test_raw_messages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Transport errors, cancellations, stray responses, error answers, replay with a fresh id."""
     monkeypatch.setattr(stdio_host, "HEALTHY_AFTER", 0.0)
     host = _host()
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.serve_session, "raw", host_read, host_write)
@@ -318,10 +339,7 @@ async def test_child_exiting_during_replay_is_restarted_again() -> None:
         name="quitter",
         restart_backoff=FAST,
     )
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.serve_session, "c", host_read, host_write)
@@ -337,10 +355,7 @@ async def test_child_exiting_during_replay_is_restarted_again() -> None:
 
 async def test_session_ending_while_the_child_starts() -> None:
     host = StdioHost(StdioServerConfig("cat"), name="cat")
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     to_host.close()
     with anyio.fail_after(5):
         await host.serve_session("c", host_read, host_write)
@@ -382,10 +397,7 @@ async def test_session_ends_when_the_client_stops_reading(
     host = StdioHost(
         StdioServerConfig(command, args), name="gone", restart_backoff=FAST
     )
-    to_host, host_read = anyio.create_memory_object_stream[SessionMessage | Exception](
-        16
-    )
-    host_write, from_host = anyio.create_memory_object_stream[SessionMessage](16)
+    to_host, host_read, host_write, from_host = _streams()
     from_host.close()
     await to_host.send(_raw(INITIALIZE))
     with anyio.fail_after(5):

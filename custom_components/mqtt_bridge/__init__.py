@@ -113,11 +113,13 @@ async def _async_update_listener(
     """Reload the entry when its runtime says so (:meth:`EntryRuntime.needs_reload`).
 
     By default that is when its data or options differ from the runtime's; a
-    broker entry applies option changes (topic rules) live and reloads only for
-    data changes. Flows only update the entry (no
-    ``async_update_reload_and_abort``, an error with an update listener from
-    HA 2026.12); this listener does the reload. Changes of the title (or,
-    later, of config subentries) do not reload.
+    broker entry applies option changes (topic rules) and changes of its config
+    subentries (hosted stdio MCP servers: started, restarted or stopped one by
+    one) live and reloads only for data changes. Flows only update the entry
+    (no ``async_update_reload_and_abort``, an error with an update listener
+    from HA 2026.12); this listener does the reload. Changes of the title or
+    of config subentries do not reload (HA 2025.4.4 calls this listener for
+    subentry changes too).
     """
     if entry.runtime_data.needs_reload():
         hass.config_entries.async_schedule_reload(entry.entry_id)

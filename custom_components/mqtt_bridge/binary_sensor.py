@@ -1,8 +1,13 @@
-"""Binary sensors per entry type: connectivity.
+"""Binary sensors per entry type: connectivity, and hosted servers running.
 
 A node entry: the node link and the proxy's broker session
 (:data:`BINARY_SENSORS`); a broker entry: its broker session
-(:data:`BROKER_BINARY_SENSORS`).
+(:data:`BROKER_BINARY_SENSORS`) and, per stdio MCP server it hosts (a
+subentry, on its own device), whether that server is running
+(:data:`HOSTED_BINARY_SENSORS`): announced on the broker, i.e. its MQTT
+connection is up and its control topic granted
+(:attr:`.hosted_servers.HostedServer.running`). A child process is not
+required: children run only while MCP clients have sessions.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from homeassistant.core import HomeAssistant
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from .broker_runtime import BrokerRuntime
-from .entity import BrokerEntity, NodeEntity, broker_runtime, node_runtime
+from .entity import (
+    BrokerEntity,
+    HostedServerEntity,
+    NodeEntity,
+    async_add_hosted_entities,
+    broker_runtime,
+    node_runtime,
+)
+from .hosted_servers import HostedServer
 from .models import MqttBridgeConfigEntry
 from .node_runtime import NodeRuntime
 
@@ -75,12 +88,29 @@ BROKER_BINARY_SENSORS: tuple[BrokerBinarySensorDescription, ...] = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class HostedBinarySensorDescription(BinarySensorEntityDescription):
+    """A binary sensor of a hosted stdio MCP server and how to read it."""
+
+    is_on_fn: Callable[[HostedServer], bool]
+
+
+HOSTED_BINARY_SENSORS: tuple[HostedBinarySensorDescription, ...] = (
+    HostedBinarySensorDescription(
+        key="running",
+        translation_key="running",
+        device_class=BinarySensorDeviceClass.RUNNING,
+        is_on_fn=lambda server: server.running,
+    ),
+)
+
+
 async def async_setup_entry(
     hass: HomeAssistant,
     entry: MqttBridgeConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the connectivity sensors of the entry's type."""
+    """Add the connectivity sensors of the entry's type (and hosted servers' running)."""
     if (node := node_runtime(entry)) is not None:
         async_add_entities(
             MqttBridgeBinarySensor(node, description) for description in BINARY_SENSORS
@@ -89,6 +119,16 @@ async def async_setup_entry(
         async_add_entities(
             BrokerBinarySensor(broker, description)
             for description in BROKER_BINARY_SENSORS
+        )
+        async_add_hosted_entities(
+            hass,
+            entry,
+            broker,
+            async_add_entities,
+            lambda server: (
+                HostedServerBinarySensor(server, description)
+                for description in HOSTED_BINARY_SENSORS
+            ),
         )
 
 
@@ -111,4 +151,15 @@ class BrokerBinarySensor(BrokerEntity, BinarySensorEntity):
     @property
     def is_on(self) -> bool:
         """Whether the broker session is up."""
+        return self.entity_description.is_on_fn(self.runtime)
+
+
+class HostedServerBinarySensor(HostedServerEntity, BinarySensorEntity):
+    """Whether a hosted stdio MCP server is running (announced on the broker)."""
+
+    entity_description: HostedBinarySensorDescription
+
+    @property
+    def is_on(self) -> bool:
+        """Whether the server is announced."""
         return self.entity_description.is_on_fn(self.runtime)

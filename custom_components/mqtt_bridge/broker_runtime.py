@@ -14,6 +14,11 @@ entry is not reloaded and the broker session stays up
 (:meth:`BrokerRuntime.needs_reload`); data changes (host, credentials, TLS)
 reload the entry. Credentials the broker rejects start a reauth flow.
 
+The entry's ``stdio_server`` config subentries are stdio MCP servers hosted on
+the broker (:class:`~.hosted_servers.HostedServers`, :attr:`BrokerRuntime.hosted`,
+each on an MQTT connection of its own); subentry changes are applied live too,
+server by server, from the same update listener.
+
 Entities write their state on :data:`SIGNAL_BROKER_UPDATE`: at once when the
 connection comes or goes, otherwise at most once per ``UPDATE_THROTTLE``
 seconds when a counter changed (a timer compares them, since messages arrive
@@ -49,7 +54,7 @@ from homeassistant.helpers.dispatcher import async_dispatcher_send
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.util.signal_type import SignalTypeFormat
 
-from . import llm_api
+from . import llm_api, remote_llm
 from .conflicts import async_check_mcp_conflict
 from .const import (
     ATTR_ALLOWED,
@@ -79,6 +84,7 @@ from .engine.mqtt_client import PORT_PLAIN, ClientState, MqttClient, MqttSetting
 from .engine.mqtt_tools import MqttTools, ToolResult
 from .engine.supervisor import TaskHealth, supervise
 from .engine.tool_specs import TOOL_NAMES
+from .hosted_servers import HostedServers
 from .models import EntryRuntime, EntrySource
 
 _LOGGER = logging.getLogger(__name__)
@@ -185,6 +191,14 @@ class BrokerRuntime(EntryRuntime):
         self.stats = ToolCallStats()
         self.signal_update = SIGNAL_BROKER_UPDATE.format(entry.entry_id)
         self.device_id = self._async_register_device()
+        # The stdio MCP servers of the entry's subentries (started by start()).
+        self.hosted = HostedServers(
+            hass,
+            entry,
+            settings=self.settings,
+            client_id_prefix=prefix,
+            via_device=self.device_identifier,
+        )
         self._written: tuple[int, ...] | None = None
         self._was_connected: bool | None = None
         self._reauth_started = False
@@ -206,6 +220,7 @@ class BrokerRuntime(EntryRuntime):
         entry.async_create_background_task(
             hass, self.tools.start(), f"{DOMAIN} {entry.title} MQTT tools"
         )
+        self.hosted.start()
         entry.async_on_unload(
             async_track_time_interval(
                 hass,
@@ -218,6 +233,9 @@ class BrokerRuntime(EntryRuntime):
         entry.async_on_unload(self._async_unload)
         # The same tools for Assist agents, while the entry is loaded.
         llm_api.async_register(hass, self)
+        # MCP servers announced on the broker, each as an LLM API (remote_llm.py).
+        self.remote_mcp = remote_llm.RemoteMcpManager(hass, self)
+        self.remote_mcp.start()
         entry.async_create_background_task(
             hass, async_check_mcp_conflict(hass), f"{DOMAIN} mcp version check"
         )
@@ -232,11 +250,14 @@ class BrokerRuntime(EntryRuntime):
 
         Changed options (rules, endpoint and LLM API settings) are applied
         here, live: the next tool call uses the new rules and the broker
-        session stays up.
+        session stays up. So are changed ``stdio_server`` subentries
+        (:meth:`.hosted_servers.HostedServers.sync`: only the added, changed
+        or removed servers start, restart or stop).
         """
         current = EntrySource.of(self.entry)
         if current.data != self.source.data:
             return True
+        self.hosted.sync()
         if current.options != self.source.options:
             self.source = current
             self.tools.refresh_acl()
@@ -416,9 +437,11 @@ class BrokerRuntime(EntryRuntime):
     # -- diagnostics ---------------------------------------------------------------
 
     def diagnostics(self) -> dict[str, Any]:
-        """Return the broker session, ACL and tool call state (JSON-serialisable).
+        """Return the broker session, ACL, tool call and hosted server state.
 
-        Settings without credentials; the caller redacts the entry data.
+        JSON-serialisable. Settings without credentials; hosted servers show
+        the names of their environment variables, not the values; the caller
+        redacts the entry data.
         """
         settings, client = self.settings, self.client
         registry = client.registry
@@ -466,4 +489,6 @@ class BrokerRuntime(EntryRuntime):
             },
             "require_admin": self.require_admin,
             "include_assist_tools": self.include_assist_tools,
+            "hosted_servers": self.hosted.diagnostics(),
+            "remote_mcp_servers": self.remote_mcp.diagnostics(),
         }

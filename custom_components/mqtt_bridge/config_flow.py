@@ -5,7 +5,9 @@ the MQTT broker); each type's steps live in their own module (node:
 :mod:`.flow_node`, broker: :mod:`.flow_broker`, mixed in here). Flows started for an existing entry
 (reconfigure, reauth, options) choose the steps of the entry's type
 (``entry.data["entry_type"]``); an entry of a type this version does not know
-has none of them. Entries are version 1.2 (1.2 added ``entry_type``; see
+has none of them. A broker entry has config subentries of type
+``stdio_server`` (hosted stdio MCP servers, :mod:`.flow_stdio`); a node entry
+has none. Entries are version 1.2 (1.2 added ``entry_type``; see
 ``async_migrate_entry`` in ``__init__.py``).
 """
 
@@ -14,19 +16,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from homeassistant.config_entries import ConfigEntry, ConfigFlowResult, OptionsFlow
+from homeassistant.config_entries import (
+    ConfigEntry,
+    ConfigFlowResult,
+    ConfigSubentryFlow,
+    OptionsFlow,
+)
 from homeassistant.core import callback
 from homeassistant.data_entry_flow import UnknownHandler
 
-from .const import DOMAIN, EntryType
+from .const import DOMAIN, SUBENTRY_STDIO_SERVER, EntryType
 from .flow_broker import BrokerFlowMixin, BrokerOptionsFlow
 from .flow_node import NodeFlowMixin, NodeOptionsFlow
+from .flow_stdio import StdioServerSubentryFlow
 from .models import entry_type_of
 
 # The options flow of each entry type.
 OPTIONS_FLOWS: Final[dict[EntryType, type[OptionsFlow]]] = {
     EntryType.MESHTASTIC_NODE: NodeOptionsFlow,
     EntryType.MQTT_BROKER: BrokerOptionsFlow,
+}
+# The config subentry flows of each entry type, by subentry type.
+SUBENTRY_FLOWS: Final[dict[EntryType, dict[str, type[ConfigSubentryFlow]]]] = {
+    EntryType.MQTT_BROKER: {SUBENTRY_STDIO_SERVER: StdioServerSubentryFlow},
 }
 # The user menu: one option (a step) per entry type that can be added.
 USER_MENU: Final = ["meshtastic", "mqtt_broker"]
@@ -60,6 +72,17 @@ class MqttBridgeConfigFlow(NodeFlowMixin, BrokerFlowMixin, domain=DOMAIN):
     def async_supports_options_flow(cls, config_entry: ConfigEntry) -> bool:
         """Whether the entry's type has an options flow (the UI shows "Configure")."""
         return entry_type_of(config_entry) in OPTIONS_FLOWS
+
+    @classmethod
+    @callback
+    def async_get_supported_subentry_types(
+        cls, config_entry: ConfigEntry
+    ) -> dict[str, type[ConfigSubentryFlow]]:
+        """Return the subentry flows of the entry's type (broker: ``stdio_server``)."""
+        entry_type = entry_type_of(config_entry)
+        if entry_type is None:
+            return {}
+        return dict(SUBENTRY_FLOWS.get(entry_type, {}))
 
     async def async_step_user(
         self, user_input: dict[str, Any] | None = None

@@ -58,6 +58,19 @@ CONF_FORWARD_OWN_ECHOES: Final = "forward_own_echoes"
 CONF_UPLINK_QUEUE_SIZE: Final = "uplink_queue_size"
 DEFAULT_UPLINK_QUEUE_SIZE: Final = 1000  # messages
 
+# -- Meshtastic node: entry.options (sharing the node, node_sharing.py) ----------
+# Home Assistant serves the node's stream API to other clients (phone apps, the
+# CLI, MeshMonitor) as a virtual node. The default port is
+# engine.virtual_node.DEFAULT_PORT (4404, MeshMonitor's Virtual Node port).
+
+CONF_SHARE_NODE: Final = "share_node"  # bool, default False
+CONF_SHARE_PORT: Final = "share_port"  # int, 1..65535
+CONF_SHARE_HOST: Final = "share_host"  # str, the IP address to listen on
+DEFAULT_SHARE_HOST: Final = "0.0.0.0"  # every IPv4 interface
+# list[str] of CIDRs clients may connect from; [] = the local networks
+# (engine.virtual_node.LOCAL_NETWORKS: loopback, RFC 1918, link-local, ULA).
+CONF_SHARE_NETWORKS: Final = "share_networks"
+
 # -- Meshtastic node: entities, events, repairs -----------------------------------
 
 # Seconds between two state writes of counters and last-activity entities, so the
@@ -92,6 +105,8 @@ ISSUE_MQTT_DISABLED: Final = "node_mqtt_disabled"
 ISSUE_PROXY_TO_CLIENT_DISABLED: Final = "node_proxy_to_client_disabled"
 ISSUE_BROKER_AUTH: Final = "broker_auth_failed"
 ISSUE_BROKER_ADDRESS: Final = "invalid_broker_address"
+# The shared node's port cannot be bound (placeholders: name, port, error).
+ISSUE_VIRTUAL_NODE_PORT: Final = "virtual_node_port_in_use"
 
 # -- MQTT broker: entry.data (how Home Assistant reaches the broker) -------------
 # homeassistant.const CONF_HOST, CONF_PORT, CONF_USERNAME, CONF_PASSWORD plus:
@@ -139,3 +154,25 @@ SERVICE_SEND_TEXT: Final = "send_text"
 # homeassistant.const ATTR_DEVICE_ID (exactly one of them); it also takes
 # ATTR_TEXT, ATTR_CHANNEL and ATTR_DESTINATION (a node id, omitted = broadcast).
 ATTR_CONFIG_ENTRY_ID: Final = "config_entry_id"
+
+# -- MQTT broker: config subentries (stdio MCP servers hosted on MQTT) ------------
+
+# Subentry type of a stdio MCP server hosted on the broker (flow_stdio.py,
+# hosted_servers.py). Its title is the server's name; its unique id is the
+# server-name. Its data: homeassistant.const CONF_COMMAND (str) and
+# CONF_DESCRIPTION (str, "" when none) plus the keys below.
+SUBENTRY_STDIO_SERVER: Final = "stdio_server"
+CONF_ARGS: Final = "args"  # list[str], the command's arguments
+CONF_ENV: Final = "env"  # dict[str, str], variables added to the minimal environment
+CONF_CWD: Final = "cwd"  # absolute path of the working directory, or None
+CONF_SERVER_NAME: Final = "server_name"  # the MCP-over-MQTT server-name (spec §1.2)
+# The request topic of the simple-device layout (engine/mcp_mqtt_simple.py), or
+# None (absent in older subentries) when the server is not offered that way.
+CONF_REQUEST_TOPIC: Final = "request_topic"
+
+# -- MQTT broker: MCP servers on the broker as LLM APIs (remote_llm.py) -----------
+
+# entry.options: which announced MCP-over-MQTT servers become LLM APIs: a list of
+# fnmatch-style server-name patterns (["*"] = all, [] = none). Applied live.
+CONF_MCP_SERVERS: Final = "mcp_servers"
+DEFAULT_MCP_SERVERS: Final = ("*",)

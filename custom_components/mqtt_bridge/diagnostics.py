@@ -6,9 +6,13 @@ the link state and the proxy, read only through the engines' public
 attributes and the proxy's own JSON-serialisable dump
 (:meth:`.engine.proxy.MeshtasticProxy.diagnostics`: broker settings without
 password, client state and stats, subscriptions, skipped channel filters, task
-failures). A broker entry reports its session (settings without credentials,
+failures), and the shared node (:meth:`.node_sharing.NodeSharing.diagnostics`:
+settings, bind errors, the virtual node's counters and its clients with their
+addresses; the stream API carries no credentials). A broker entry reports its session (settings without credentials,
 client state and stats, subscriptions), the topic rules in use (and those that
-grant nothing) and the tool calls
+grant nothing), the tool calls and its hosted stdio MCP servers (subentries:
+command, arguments, working directory, the names of the environment
+variables but never their values, counters, sessions)
 (:meth:`.broker_runtime.BrokerRuntime.diagnostics`). Credentials, channel and
 PKI keys, positions and hardware identifiers are redacted wherever they appear.
 """
@@ -76,7 +80,7 @@ def _proxy_diagnostics(proxy: MeshtasticProxy) -> dict[str, Any]:
 
 
 def _node_diagnostics(runtime: NodeRuntime) -> dict[str, Any]:
-    """Return a node entry's node snapshot, metrics, link and proxy state."""
+    """Return a node entry's node snapshot, metrics, link, proxy and sharing state."""
     link, snapshot = runtime.link, runtime.snapshot
     node: dict[str, Any] | None = None
     if snapshot is not None:
@@ -102,6 +106,7 @@ def _node_diagnostics(runtime: NodeRuntime) -> dict[str, Any]:
             "stats": asdict(link.stats),
         },
         "proxy": _proxy_diagnostics(runtime.proxy),
+        "sharing": runtime.sharing.diagnostics(),
     }
 
 

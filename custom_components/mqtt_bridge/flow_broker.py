@@ -13,7 +13,8 @@ reloads it (the pattern that stays valid in HA 2026.12).
 :class:`BrokerOptionsFlow` edits the topic ACL (``options["rules"]``, the
 engine's :func:`.engine.acl.rules_to_options` format) as a menu: add, edit,
 delete, import (mcpMQTT's ``topics`` JSON), export, and the settings of the
-HTTP endpoint and the LLM API. Every change saves the options at once; the
+HTTP endpoint, the LLM API and which MCP servers announced on the broker
+become LLM APIs (``mcp_servers``, :mod:`.remote_llm`). Every change saves the options at once; the
 runtime applies them live, without a reload or a reconnect
 (:meth:`.broker_runtime.BrokerRuntime.needs_reload`).
 
@@ -54,11 +55,13 @@ from .const import (
     CONF_CLIENT_ID_PREFIX,
     CONF_ENTRY_TYPE,
     CONF_INCLUDE_ASSIST,
+    CONF_MCP_SERVERS,
     CONF_REQUIRE_ADMIN,
     CONF_RULES,
     CONF_TLS,
     DEFAULT_CLIENT_ID_PREFIX,
     DEFAULT_INCLUDE_ASSIST,
+    DEFAULT_MCP_SERVERS,
     DEFAULT_REQUIRE_ADMIN,
     DOMAIN,
     EntryType,
@@ -74,6 +77,7 @@ from .engine.acl import (
     rules_to_json,
     rules_to_options,
 )
+from .engine.mcp_directory import parse_patterns
 from .engine.mqtt_client import PORT_PLAIN
 from .flow_common import PASSWORD_SELECTOR, PORT_SELECTOR, async_check_broker
 
@@ -640,32 +644,60 @@ class BrokerOptionsFlow(OptionsFlow):
     async def async_step_settings(
         self, user_input: dict[str, Any] | None = None
     ) -> ConfigFlowResult:
-        """Who may use the HTTP endpoint; what the LLM API offers."""
+        """Who may use the HTTP endpoint; what the LLM API offers; which MCP servers.
+
+        ``mcp_servers``: server-name patterns (commas or new lines; ``*`` for
+        all, empty for none), stored as a list
+        (:func:`.engine.mcp_directory.parse_patterns`); a pattern with an
+        MQTT wildcard or a control character is refused with its problem.
+        """
         options = self.config_entry.options
+        errors: dict[str, str] = {}
+        placeholders = {"problem": ""}
         if user_input is not None:
-            return self.async_create_entry(
-                data={
-                    **options,
-                    CONF_REQUIRE_ADMIN: bool(user_input[CONF_REQUIRE_ADMIN]),
-                    CONF_INCLUDE_ASSIST: bool(user_input[CONF_INCLUDE_ASSIST]),
-                }
-            )
+            try:
+                patterns = parse_patterns(user_input.get(CONF_MCP_SERVERS, ""))
+            except ValueError as err:
+                errors[CONF_MCP_SERVERS] = "invalid_mcp_servers"
+                placeholders["problem"] = str(err)
+            else:
+                return self.async_create_entry(
+                    data={
+                        **options,
+                        CONF_REQUIRE_ADMIN: bool(user_input[CONF_REQUIRE_ADMIN]),
+                        CONF_INCLUDE_ASSIST: bool(user_input[CONF_INCLUDE_ASSIST]),
+                        CONF_MCP_SERVERS: patterns,
+                    }
+                )
+        current = options.get(CONF_MCP_SERVERS, DEFAULT_MCP_SERVERS)
+        schema = vol.Schema(
+            {
+                vol.Required(
+                    CONF_REQUIRE_ADMIN,
+                    default=bool(
+                        options.get(CONF_REQUIRE_ADMIN, DEFAULT_REQUIRE_ADMIN)
+                    ),
+                ): BooleanSelector(),
+                vol.Required(
+                    CONF_INCLUDE_ASSIST,
+                    default=bool(
+                        options.get(CONF_INCLUDE_ASSIST, DEFAULT_INCLUDE_ASSIST)
+                    ),
+                ): BooleanSelector(),
+                vol.Optional(CONF_MCP_SERVERS): MULTILINE_SELECTOR,
+            }
+        )
         return self.async_show_form(
             step_id="settings",
-            data_schema=vol.Schema(
-                {
-                    vol.Required(
-                        CONF_REQUIRE_ADMIN,
-                        default=bool(
-                            options.get(CONF_REQUIRE_ADMIN, DEFAULT_REQUIRE_ADMIN)
-                        ),
-                    ): BooleanSelector(),
-                    vol.Required(
-                        CONF_INCLUDE_ASSIST,
-                        default=bool(
-                            options.get(CONF_INCLUDE_ASSIST, DEFAULT_INCLUDE_ASSIST)
-                        ),
-                    ): BooleanSelector(),
-                }
+            data_schema=self.add_suggested_values_to_schema(
+                schema,
+                user_input
+                or {
+                    CONF_MCP_SERVERS: "\n".join(current)
+                    if isinstance(current, list | tuple)
+                    else str(current)
+                },
             ),
+            errors=errors,
+            description_placeholders=placeholders,
         )

@@ -8,7 +8,9 @@ creates an entry of type ``meshtastic_node`` whose unique id is the node
 number. Nodes announcing ``_meshtastic._tcp`` over mDNS are discovered.
 Reconfigure switches the connection of an entry to the same node; reauth
 replaces the credentials of a custom broker; :class:`NodeOptionsFlow` picks the
-broker and the proxy settings. Brokers are checked with the engine's one
+broker and the proxy settings and whether Home Assistant shares the node with
+other clients (port, bind address, allowed networks: checked by binding the
+port once; :mod:`.node_sharing`). Brokers are checked with the engine's one
 connection check (:func:`.flow_common.async_check_broker`).
 
 Flows never reload an entry themselves: they update it and the entry's update
@@ -44,6 +46,8 @@ from homeassistant.helpers.selector import (
     SelectSelector,
     SelectSelectorConfig,
     SelectSelectorMode,
+    TextSelector,
+    TextSelectorConfig,
 )
 from homeassistant.helpers.service_info.zeroconf import ZeroconfServiceInfo
 import serialx
@@ -63,6 +67,10 @@ from .const import (
     CONF_ENTRY_TYPE,
     CONF_FORWARD_OWN_ECHOES,
     CONF_FORWARD_RETAINED,
+    CONF_SHARE_HOST,
+    CONF_SHARE_NETWORKS,
+    CONF_SHARE_NODE,
+    CONF_SHARE_PORT,
     CONF_UPLINK_QUEUE_SIZE,
     CONNECTION_SERIAL,
     CONNECTION_TCP,
@@ -77,11 +85,19 @@ from .engine.rules import (
     missing_proxy_settings,
     parse_node_id,
 )
+from .engine.virtual_node import LOCAL_NETWORKS, InvalidNetworkError
 from .flow_common import PASSWORD_SELECTOR, PORT_SELECTOR, async_check_broker
 from .node_runtime import (
+    NodeRuntime,
     connector_from_data,
     describe_connection,
     proxy_options_from_entry,
+)
+from .node_sharing import (
+    ShareSettings,
+    bind_problem,
+    normalize_bind_address,
+    parse_network_text,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -102,6 +118,8 @@ SETTINGS_WARNINGS: Final[dict[frozenset[ProxyRequirement], str]] = {
     frozenset({ProxyRequirement.PROXY_TO_CLIENT}): "proxy_to_client_disabled",
 }
 SETTINGS_WARNING_ALL: Final = "node_settings_missing"
+
+NETWORKS_SELECTOR: Final = TextSelector(TextSelectorConfig(multiline=True))
 
 
 def node_entry_data(connection: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -461,7 +479,12 @@ class NodeFlowMixin(ConfigFlow):
 
 
 class NodeOptionsFlow(OptionsFlow):
-    """Choose the broker and how the proxy forwards messages."""
+    """Choose the broker, how the proxy forwards messages and whether to share the node.
+
+    Steps: ``init`` (proxy settings, broker choice, "Share this node"), then
+    ``broker`` for a custom broker, then ``share`` when sharing is on. Saving
+    reloads the entry (its update listener), which applies every change.
+    """
 
     def __init__(self) -> None:
         """Start with the entry's current options (read in the first step)."""
@@ -480,10 +503,11 @@ class NodeOptionsFlow(OptionsFlow):
                 CONF_FORWARD_RETAINED: user_input[CONF_FORWARD_RETAINED],
                 CONF_FORWARD_OWN_ECHOES: user_input[CONF_FORWARD_OWN_ECHOES],
                 CONF_UPLINK_QUEUE_SIZE: int(user_input[CONF_UPLINK_QUEUE_SIZE]),
+                CONF_SHARE_NODE: user_input[CONF_SHARE_NODE],
             }
             if user_input[CONF_BROKER_MODE] == BROKER_MODE_CUSTOM:
                 return await self.async_step_broker()
-            return self.async_create_entry(data=self._options)
+            return await self._async_finish(self._options)
         schema = vol.Schema(
             {
                 vol.Required(
@@ -521,9 +545,20 @@ class NodeOptionsFlow(OptionsFlow):
                         mode=NumberSelectorMode.BOX,
                     )
                 ),
+                vol.Required(
+                    CONF_SHARE_NODE,
+                    default=bool(current.get(CONF_SHARE_NODE, False)),
+                ): BooleanSelector(),
             }
         )
         return self.async_show_form(step_id="init", data_schema=schema)
+
+    async def _async_finish(self, options: dict[str, Any]) -> ConfigFlowResult:
+        """Save ``options``, after the ``share`` step when sharing is on."""
+        self._options = options
+        if options.get(CONF_SHARE_NODE):
+            return await self.async_step_share()
+        return self.async_create_entry(data=options)
 
     async def async_step_broker(
         self, user_input: dict[str, Any] | None = None
@@ -554,7 +589,7 @@ class NodeOptionsFlow(OptionsFlow):
             if settings is None:
                 errors[CONF_BROKER_HOST] = "invalid_host"
             elif await async_check_broker(settings, errors):
-                return self.async_create_entry(data=options)
+                return await self._async_finish(options)
         defaults = user_input or saved
         schema = vol.Schema(
             {
@@ -572,3 +607,83 @@ class NodeOptionsFlow(OptionsFlow):
             }
         )
         return self.async_show_form(step_id="broker", data_schema=schema, errors=errors)
+
+    async def async_step_share(
+        self, user_input: dict[str, Any] | None = None
+    ) -> ConfigFlowResult:
+        """Sharing the node: port, bind address and allowed networks, checked.
+
+        Error keys (``options.error``): ``share_invalid_address`` (not an IP
+        address), ``share_invalid_networks`` (placeholder ``problem``),
+        ``share_port_in_use``, ``share_address_unavailable`` and
+        ``share_cannot_bind`` (placeholder ``error``) from binding the port once
+        (:func:`.node_sharing.bind_problem`); the port this entry's shared node
+        listens on now is not checked (the reload frees it first).
+        """
+        errors: dict[str, str] = {}
+        placeholders = {
+            "local_networks": ", ".join(LOCAL_NETWORKS),
+            "problem": "",
+            "error": "",
+        }
+        saved = ShareSettings.from_options(self._options)
+        if user_input is not None:
+            port = int(user_input[CONF_SHARE_PORT])
+            host = ""
+            networks: list[str] = []
+            try:
+                host = normalize_bind_address(user_input[CONF_SHARE_HOST])
+            except ValueError:
+                errors[CONF_SHARE_HOST] = "share_invalid_address"
+            try:
+                networks = parse_network_text(user_input.get(CONF_SHARE_NETWORKS, ""))
+            except InvalidNetworkError as err:
+                errors[CONF_SHARE_NETWORKS] = "share_invalid_networks"
+                placeholders["problem"] = str(err)
+            if not errors and not self._shared_here(port):
+                problem = bind_problem(host, port)
+                if problem is not None:
+                    errors[CONF_SHARE_PORT], placeholders["error"] = problem
+            if not errors:
+                return self.async_create_entry(
+                    data={
+                        **self._options,
+                        CONF_SHARE_PORT: port,
+                        CONF_SHARE_HOST: host,
+                        CONF_SHARE_NETWORKS: networks,
+                    }
+                )
+        defaults: dict[str, Any] = {
+            CONF_SHARE_PORT: saved.port,
+            CONF_SHARE_HOST: saved.host,
+            CONF_SHARE_NETWORKS: "\n".join(saved.networks),
+            **(user_input or {}),
+        }
+        schema = vol.Schema(
+            {
+                vol.Required(
+                    CONF_SHARE_PORT, default=int(defaults[CONF_SHARE_PORT])
+                ): PORT_SELECTOR,
+                vol.Required(CONF_SHARE_HOST, default=defaults[CONF_SHARE_HOST]): str,
+                vol.Optional(
+                    CONF_SHARE_NETWORKS,
+                    description={
+                        "suggested_value": defaults[CONF_SHARE_NETWORKS] or None
+                    },
+                ): NETWORKS_SELECTOR,
+            }
+        )
+        return self.async_show_form(
+            step_id="share",
+            data_schema=schema,
+            errors=errors,
+            description_placeholders=placeholders,
+        )
+
+    def _shared_here(self, port: int) -> bool:
+        """Whether this entry's shared node listens on ``port`` right now."""
+        entry = self.config_entry
+        loaded = entry.state is ConfigEntryState.LOADED
+        runtime = entry.runtime_data if loaded else None
+        server = runtime.sharing.server if isinstance(runtime, NodeRuntime) else None
+        return server is not None and server.listening and server.port == port

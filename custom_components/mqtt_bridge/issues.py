@@ -9,7 +9,12 @@ per cause, with ids ``<translation key>_<entry id>``:
 * ``broker_auth_failed``: the broker in the *node's* settings rejected the
   credentials (only the node's settings can fix it). With a custom broker
   Home Assistant owns the credentials, so a reauth flow starts instead, once
-  per runtime.
+  per runtime;
+* ``virtual_node_port_in_use``: the port of the shared node (the virtual node
+  server, :mod:`.node_sharing`) cannot be bound (placeholders ``port`` and
+  ``error``). Raised by :meth:`NodeIssues.async_share_port_unavailable`,
+  deleted once the port is bound (:meth:`NodeIssues.async_share_port_bound`)
+  and when the entry is unloaded (a change of the options reloads it).
 
 Not named ``repairs.py``: Home Assistant loads ``<integration>.repairs`` as the
 repairs platform and rejects one without ``async_create_fix_flow``
@@ -33,6 +38,7 @@ from .const import (
     ISSUE_BROKER_AUTH,
     ISSUE_MQTT_DISABLED,
     ISSUE_PROXY_TO_CLIENT_DISABLED,
+    ISSUE_VIRTUAL_NODE_PORT,
 )
 from .engine.proxy import MeshtasticProxy, ProxyStatus
 from .engine.rules import ProxyRequirement
@@ -42,7 +48,10 @@ SETTING_ISSUES: Final[dict[ProxyRequirement, str]] = {
     ProxyRequirement.MQTT_ENABLED: ISSUE_MQTT_DISABLED,
     ProxyRequirement.PROXY_TO_CLIENT: ISSUE_PROXY_TO_CLIENT_DISABLED,
 }
+# The issues the proxy status decides (async_update raises or deletes each).
 ALL_ISSUES: Final = (*SETTING_ISSUES.values(), ISSUE_BROKER_ADDRESS, ISSUE_BROKER_AUTH)
+# The issues of sharing the node (raised and deleted by NodeSharing).
+SHARING_ISSUES: Final = (ISSUE_VIRTUAL_NODE_PORT,)
 
 
 class NodeIssues:
@@ -58,6 +67,18 @@ class NodeIssues:
     def issue_id(self, key: str) -> str:
         """Return the id of the entry's issue with translation key ``key``."""
         return f"{key}_{self.entry.entry_id}"
+
+    def _raise(self, key: str, placeholders: dict[str, str]) -> None:
+        """Create (or update in place) this entry's error issue ``key``, not fixable."""
+        ir.async_create_issue(
+            self.hass,
+            DOMAIN,
+            self.issue_id(key),
+            is_fixable=False,
+            severity=ir.IssueSeverity.ERROR,
+            translation_key=key,
+            translation_placeholders=placeholders,
+        )
 
     @callback
     def async_update(self, proxy: MeshtasticProxy) -> None:
@@ -90,21 +111,29 @@ class NodeIssues:
                 wanted[ISSUE_BROKER_AUTH] = {**name, "error": proxy.error or ""}
         for key in ALL_ISSUES:
             if key in wanted:
-                ir.async_create_issue(
-                    self.hass,
-                    DOMAIN,
-                    self.issue_id(key),
-                    is_fixable=False,
-                    severity=ir.IssueSeverity.ERROR,
-                    translation_key=key,
-                    translation_placeholders=wanted[key],
-                )
+                self._raise(key, wanted[key])
             else:
                 ir.async_delete_issue(self.hass, DOMAIN, self.issue_id(key))
+
+    @callback
+    def async_share_port_unavailable(self, port: int, error: str) -> None:
+        """Raise ``virtual_node_port_in_use``: ``port`` cannot be bound (``error``).
+
+        Raising it again with other placeholders updates it in place.
+        """
+        self._raise(
+            ISSUE_VIRTUAL_NODE_PORT,
+            {"name": self.entry.title, "port": str(port), "error": error},
+        )
+
+    @callback
+    def async_share_port_bound(self) -> None:
+        """Delete ``virtual_node_port_in_use``: the shared node listens now."""
+        ir.async_delete_issue(self.hass, DOMAIN, self.issue_id(ISSUE_VIRTUAL_NODE_PORT))
 
     @callback
     def async_clear(self) -> None:
         """Delete all issues of the entry (it is unloaded; a new runtime re-checks)."""
         self._last = None
-        for key in ALL_ISSUES:
+        for key in (*ALL_ISSUES, *SHARING_ISSUES):
             ir.async_delete_issue(self.hass, DOMAIN, self.issue_id(key))

@@ -5,7 +5,7 @@ Each config entry records its type in ``entry.data["entry_type"]``
 :class:`EntryRuntime`, which becomes ``entry.runtime_data``. The runtime
 remembers the data and options it was built from (:class:`EntrySource`), so the
 entry's update listener reloads only when those change, not when the title or
-(later) the config subentries change. :func:`validation_error` builds the
+the config subentries change (a broker entry applies those live). :func:`validation_error` builds the
 translated errors the runtimes' actions raise.
 """
 

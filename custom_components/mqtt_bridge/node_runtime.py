@@ -5,12 +5,15 @@ turns their callbacks into typed dispatcher signals (entity updates,
 rate-limited to one per ``UPDATE_THROTTLE`` seconds; text messages, at once)
 and ``mqtt_bridge_text_message`` bus events (described by :mod:`.logbook`),
 keeps the node's device in the registry current, logs unavailability once,
-hands the proxy status to :class:`~.issues.NodeIssues`, and sends text
-messages for the ``send_text`` action (the one place that validates them).
+hands the proxy status to :class:`~.issues.NodeIssues`, sends text
+messages for the ``send_text`` action (the one place that validates them) and,
+with "Share this node" on, serves the node to other clients on the same link
+(:class:`~.node_sharing.NodeSharing`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 import logging
 import time
@@ -91,6 +94,7 @@ from .engine.rules import (
 from .engine.supervisor import supervise
 from .issues import NodeIssues
 from .models import EntryRuntime, validation_error
+from .node_sharing import NodeSharing
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -98,6 +102,9 @@ _LOGGER = logging.getLogger(__name__)
 MAX_CHANNEL_INDEX: Final = 7
 # Channel.Role DISABLED: the slot is unused.
 _CHANNEL_DISABLED: Final = 0
+# Seconds send_text waits for a link that is connecting or (re-)reading the
+# node's settings, e.g. after a shared client changed one, before it fails.
+SEND_READY_TIMEOUT: Final = 5.0
 
 type NodeConfigEntry = ConfigEntry[NodeRuntime]
 
@@ -270,6 +277,10 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
         )
         self.link.add_listener(self)
         self.issues = NodeIssues(hass, entry)
+        self.sharing = NodeSharing(
+            hass, entry, self.link, self.issues, self._schedule_update
+        )
+        self._state_waiters: set[asyncio.Future[None]] = set()
         self.signal_update = SIGNAL_NODE_UPDATE.format(entry.entry_id)
         self.signal_text = SIGNAL_NODE_TEXT.format(entry.entry_id)
         self.device_id = self._async_register_device()
@@ -282,11 +293,12 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the link and the proxy as background tasks of the entry.
+        """Start the link, the proxy and the shared node as background tasks.
 
-        Both are supervised: one that ends unexpectedly is logged with its
-        traceback, shown as proxy status ``task_failed`` and in diagnostics,
-        and started again.
+        The link and the proxy are supervised: one that ends unexpectedly is
+        logged with its traceback, shown as proxy status ``task_failed`` and in
+        diagnostics, and started again. The shared node (when on) retries a
+        port it cannot bind (:class:`~.node_sharing.NodeSharing`).
         """
         entry = self.entry
         health = self.proxy.health
@@ -300,6 +312,7 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
             supervise("proxy", self.proxy.run, health),
             f"{DOMAIN} {entry.title} proxy",
         )
+        self.sharing.start()
         entry.async_on_unload(self._async_unloaded)
 
     @callback
@@ -318,8 +331,13 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
 
     @property
     def available(self) -> bool:
-        """Whether the node link is live (entities are unavailable otherwise)."""
-        return self.link.state is LinkState.READY
+        """Whether the node link is live (entities are unavailable otherwise).
+
+        Also while the link re-reads the node's settings on the live connection
+        (:meth:`.engine.node_link.NodeLink.request_config`, after a shared
+        client changed one): the node stays connected meanwhile.
+        """
+        return self.link.state is LinkState.READY or self.link.refreshing
 
     @property
     def snapshot(self) -> NodeSnapshot | None:
@@ -355,11 +373,18 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
     def _on_proxy_change(self) -> None:
         if self._unloaded:
             return
+        self._schedule_update()
+        self.issues.async_update(self.proxy)
+
+    @callback
+    def _schedule_update(self) -> None:
+        """Send the update signal within ``UPDATE_THROTTLE`` seconds (once)."""
+        if self._unloaded:
+            return
         if self._update_pending is None:
             self._update_pending = async_call_later(
                 self.hass, UPDATE_THROTTLE, self._flush_update
             )
-        self.issues.async_update(self.proxy)
 
     @callback
     def _flush_update(self, _now: Any = None) -> None:
@@ -375,6 +400,9 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
 
     def on_state(self, state: LinkState) -> None:
         """Log availability changes once and refresh entities at once."""
+        for waiter in self._state_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         available = state is LinkState.READY
         if available != self._was_available and state in (
             LinkState.READY,
@@ -446,6 +474,8 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
         hex or decimal, see :func:`.engine.rules.parse_node_id`) for a direct
         message with ACK request, or ``None``/blank for a broadcast. A node that
         does not answer with a ``QueueStatus`` (firmware < 2.7) counts as sent.
+        While the link is connecting or (re-)reading the node's settings, the
+        message waits up to :data:`SEND_READY_TIMEOUT` seconds for it.
 
         Raises:
             ServiceValidationError: translation keys ``invalid_text_length``,
@@ -482,6 +512,7 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
         )
         packet.decoded.portnum = portnums_pb2.PortNum.TEXT_MESSAGE_APP
         packet.decoded.payload = payload
+        await self._async_wait_for_link()
         try:
             status = await self.link.send_packet(packet)
         except LinkNotReadyError as err:
@@ -502,3 +533,23 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
                     else node_id(to),
                 },
             )
+
+    async def _async_wait_for_link(self) -> None:
+        """Wait while the link is on its way to ready, up to ``SEND_READY_TIMEOUT`` s.
+
+        Returns at once when the link is ready, disconnected (the node is away:
+        waiting would rarely help) or stopped; the caller's send then succeeds
+        or fails as usual.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SEND_READY_TIMEOUT
+        while self.link.state in (LinkState.CONNECTING, LinkState.HANDSHAKING):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._state_waiters.add(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return
+            finally:
+                self._state_waiters.discard(waiter)

@@ -3,7 +3,9 @@
 A node entry has proxy counters, activity, node metrics and the proxy status;
 a broker entry has its tool call counters (all calls, denied calls), the
 messages the tools published and handed to agents, and the topics known to
-``mqtt_topics``. States are written only on the runtime's rate-limited update
+``mqtt_topics``; each stdio MCP server it hosts (a subentry, on its own device)
+has :data:`HOSTED_SENSORS`: active sessions, requests, errors and child
+process restarts (:class:`~.hosted_servers.HostedCounters`). States are written only on the runtime's rate-limited update
 signal (see :mod:`.entity`), never once per mesh message or tool call.
 
 Decisions:
@@ -16,6 +18,10 @@ Decisions:
   updated only with device telemetry); ``air_util_tx`` is disabled by default.
 * ``proxy_status`` shows ``waiting_for_node`` while the node is disconnected
   even if the broker session is still running, and stays available then.
+* :data:`SHARING_SENSORS` (clients of the shared node, packets they sent)
+  exist only while "Share this node" is on; with it off their registry entries
+  are removed when the entry is set up, so no stale entities remain. They stay
+  available while the node is away (its clients stay connected).
 """
 
 from __future__ import annotations
@@ -33,14 +39,24 @@ from homeassistant.components.sensor import (
 )
 from homeassistant.const import PERCENTAGE, EntityCategory, UnitOfElectricPotential
 from homeassistant.core import HomeAssistant
+from homeassistant.helpers import entity_registry as er
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 from homeassistant.helpers.typing import StateType
 from homeassistant.util import dt as dt_util
 from meshtastic.protobuf import telemetry_pb2
 
 from .broker_runtime import BrokerRuntime
+from .const import DOMAIN
 from .engine.proxy import ProxyStatus
-from .entity import BrokerEntity, NodeEntity, broker_runtime, node_runtime
+from .entity import (
+    BrokerEntity,
+    HostedServerEntity,
+    NodeEntity,
+    async_add_hosted_entities,
+    broker_runtime,
+    node_runtime,
+)
+from .hosted_servers import HostedServer
 from .models import MqttBridgeConfigEntry
 from .node_runtime import NodeRuntime
 
@@ -50,6 +66,14 @@ PARALLEL_UPDATES = 0
 UNIT_MESSAGES = "messages"
 UNIT_CALLS = "calls"
 UNIT_TOPICS = "topics"
+UNIT_SESSIONS = "sessions"
+UNIT_REQUESTS = "requests"
+UNIT_ERRORS = "errors"
+UNIT_RESTARTS = "restarts"
+UNIT_CLIENTS = "clients"
+UNIT_PACKETS = "packets"
+# Attribute of the shared node clients sensor: ["address:port", ...], oldest first.
+ATTR_CLIENTS = "clients"
 # DeviceMetrics.battery_level above 100 means "on external power".
 BATTERY_POWERED = 100
 ATTR_EXTERNAL_POWER = "external_power"
@@ -208,6 +232,33 @@ SENSORS: tuple[MqttBridgeSensorDescription, ...] = (
 )
 
 
+def _shared_clients(runtime: NodeRuntime) -> dict[str, Any]:
+    return {ATTR_CLIENTS: runtime.sharing.client_addresses}
+
+
+# The shared node (node_sharing.py); added only while sharing is on.
+SHARING_SENSORS: tuple[MqttBridgeSensorDescription, ...] = (
+    MqttBridgeSensorDescription(
+        key="shared_node_clients",
+        translation_key="shared_node_clients",
+        native_unit_of_measurement=UNIT_CLIENTS,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda runtime: len(runtime.sharing.clients),
+        attributes_fn=_shared_clients,
+        always_available=True,
+    ),
+    MqttBridgeSensorDescription(
+        key="shared_node_packets",
+        translation_key="shared_node_packets",
+        native_unit_of_measurement=UNIT_PACKETS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda runtime: runtime.sharing.packets_from_clients,
+        always_available=True,
+    ),
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerSensorDescription(SensorEntityDescription):
     """A sensor of a broker entry and how to read it from the runtime."""
@@ -254,20 +305,87 @@ BROKER_SENSORS: tuple[BrokerSensorDescription, ...] = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class HostedSensorDescription(SensorEntityDescription):
+    """A sensor of a hosted stdio MCP server and how to read it."""
+
+    value_fn: Callable[[HostedServer], StateType]
+
+
+HOSTED_SENSORS: tuple[HostedSensorDescription, ...] = (
+    HostedSensorDescription(
+        key="active_sessions",
+        translation_key="active_sessions",
+        native_unit_of_measurement=UNIT_SESSIONS,
+        state_class=SensorStateClass.MEASUREMENT,
+        value_fn=lambda server: server.active_sessions,
+    ),
+    HostedSensorDescription(
+        key="requests",
+        translation_key="requests",
+        native_unit_of_measurement=UNIT_REQUESTS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda server: server.counters().requests,
+    ),
+    HostedSensorDescription(
+        key="errors",
+        translation_key="errors",
+        native_unit_of_measurement=UNIT_ERRORS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        value_fn=lambda server: server.counters().errors,
+    ),
+    HostedSensorDescription(
+        key="restarts",
+        translation_key="restarts",
+        native_unit_of_measurement=UNIT_RESTARTS,
+        state_class=SensorStateClass.TOTAL_INCREASING,
+        entity_category=EntityCategory.DIAGNOSTIC,
+        value_fn=lambda server: server.counters().restarts,
+    ),
+)
+
+
 async def async_setup_entry(
     hass: HomeAssistant,
     entry: MqttBridgeConfigEntry,
     async_add_entities: AddConfigEntryEntitiesCallback,
 ) -> None:
-    """Add the sensors of the entry's type (node and proxy, or broker)."""
+    """Add the sensors of the entry's type (node and proxy, or broker and hosted servers)."""
     if (node := node_runtime(entry)) is not None:
         async_add_entities(
             MqttBridgeSensor(node, description) for description in SENSORS
         )
+        if node.sharing.enabled:
+            async_add_entities(
+                MqttBridgeSensor(node, description) for description in SHARING_SENSORS
+            )
+        else:
+            _remove_sharing_sensors(hass, node)
     elif (broker := broker_runtime(entry)) is not None:
         async_add_entities(
             BrokerSensor(broker, description) for description in BROKER_SENSORS
         )
+        async_add_hosted_entities(
+            hass,
+            entry,
+            broker,
+            async_add_entities,
+            lambda server: (
+                HostedServerSensor(server, description)
+                for description in HOSTED_SENSORS
+            ),
+        )
+
+
+def _remove_sharing_sensors(hass: HomeAssistant, node: NodeRuntime) -> None:
+    """Remove the sharing sensors' registry entries (sharing is off)."""
+    registry = er.async_get(hass)
+    for description in SHARING_SENSORS:
+        entity_id = registry.async_get_entity_id(
+            "sensor", DOMAIN, node.unique_id(description.key)
+        )
+        if entity_id is not None:
+            registry.async_remove(entity_id)
 
 
 class MqttBridgeSensor(NodeEntity, SensorEntity):
@@ -290,6 +408,17 @@ class BrokerSensor(BrokerEntity, SensorEntity):
     """A counter of a broker entry, computed when the update signal arrives."""
 
     entity_description: BrokerSensorDescription
+
+    @property
+    def native_value(self) -> StateType:
+        """The current value."""
+        return self.entity_description.value_fn(self.runtime)
+
+
+class HostedServerSensor(HostedServerEntity, SensorEntity):
+    """A value of a hosted stdio MCP server, computed when its update signal arrives."""
+
+    entity_description: HostedSensorDescription
 
     @property
     def native_value(self) -> StateType:

@@ -40,6 +40,7 @@ import tty
 
 from google.protobuf.message import DecodeError
 from meshtastic.protobuf import (
+    admin_pb2,
     channel_pb2,
     config_pb2,
     mesh_pb2,
@@ -84,6 +85,9 @@ PACKET_HISTORY_SIZE = 100
 SERIAL_OUT_MAX = 64 * 1024
 #: Bound of :attr:`SimulatedNode.from_radio`.
 FROM_RADIO_LOG_MAX = 2000
+#: ``DEFAULT_REBOOT_SECONDS`` (``src/configuration.h``): delay of the reboot that
+#: ``AdminModule::saveChanges`` schedules after a settings change.
+DEFAULT_REBOOT_SECONDS = 7.0
 
 _PORT = portnums_pb2.PortNum
 _TEXT = _PORT.TEXT_MESSAGE_APP
@@ -324,7 +328,14 @@ class SimulatedNode:
     - ``implicit_acks``: own-gateway echoes turned into a local Routing ACK;
     - ``uplinks_dropped``: overflow of the 8-entry to-client proxy queue;
     - ``phone_dropped``: overflow of the to-phone packet queue;
-    - ``from_radio``: the last 2000 ``FromRadio`` written to any client.
+    - ``from_radio``: the last 2000 ``FromRadio`` written to any client;
+    - ``admin_messages``: ``AdminMessage`` payloads of client packets addressed to
+      this node (``AdminModule``: owner, config and channel getters, ``set_owner``,
+      ``reboot_seconds``; others are recorded and acknowledged only).
+
+    ``admin_reboot_delay`` (seconds, default ``DEFAULT_REBOOT_SECONDS``; ``None``
+    = never) is the reboot ``AdminModule::saveChanges`` schedules after a
+    ``set_owner`` that changed something.
     """
 
     def __init__(
@@ -346,6 +357,11 @@ class SimulatedNode:
         self.sent_packets: list[mesh_pb2.MeshPacket] = []
         self.mesh_injected: list[mesh_pb2.MeshPacket] = []
         self.from_radio: deque[mesh_pb2.FromRadio] = deque(maxlen=FROM_RADIO_LOG_MAX)
+        self.admin_messages: list[admin_pb2.AdminMessage] = []
+        self.admin_reboot_delay: float | None = DEFAULT_REBOOT_SECONDS
+        self._reboot_handle: asyncio.TimerHandle | None = None
+        self._reboot_task: asyncio.Task[None] | None = None
+        self._session_passkey = os.urandom(8)
         self._active: NodeProfile = self._load_profile()
         self._proxy_queue: deque[mesh_pb2.MqttClientProxyMessage] = deque()
         self._phone_queue: deque[mesh_pb2.MeshPacket] = deque()
@@ -467,6 +483,13 @@ class SimulatedNode:
 
     async def stop(self) -> None:
         """Close the server, every client and the serial port; cancel all timers."""
+        self._schedule_reboot(None)
+        task = self._reboot_task
+        self._reboot_task = None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         sessions = [s for s in (self._tcp_session, self._serial_session) if s]
         for session in sessions:
             self._cancel_idle(session)
@@ -1106,7 +1129,10 @@ class SimulatedNode:
         p.hop_start = p.hop_limit
         self._qs_enqueue(self._queue_status(0, p.id))
         if p.to == self._active.node_num:
-            return  # handled locally (admin etc. not modelled), never transmitted
+            # Handled locally, never transmitted.
+            if p.HasField("decoded") and p.decoded.portnum == _PORT.ADMIN_APP:
+                self._handle_admin(p)
+            return
         decoded = None
         if p.HasField("decoded"):
             p.decoded.bitfield = (
@@ -1120,6 +1146,112 @@ class SimulatedNode:
             self._mqtt_on_send(encrypted, decoded, p.channel)
         if p.want_ack and self._active.simulate_acks:
             self._simulate_ack(p)
+
+    # ------------------------------------------------------------------ admin
+
+    def _handle_admin(self, packet: mesh_pb2.MeshPacket) -> None:
+        """``AdminModule::handleReceivedProtobuf`` for a packet from the client.
+
+        Local admin (from the API client) needs no session passkey.  Getters
+        answer with a response packet to the phone when ``want_response`` is
+        set; anything else that wants a response gets a Routing ``NONE`` ACK.
+        """
+        admin = admin_pb2.AdminMessage()
+        try:
+            admin.ParseFromString(packet.decoded.payload)
+        except DecodeError:
+            self._serial_log("WARN", "Admin", "Undecodable admin payload")
+            return
+        self.admin_messages.append(admin)
+        which = admin.WhichOneof("payload_variant")
+        self._serial_log("INFO", "Admin", f"Handle admin payload {which}")
+        reply: admin_pb2.AdminMessage | None = None
+        if which == "get_owner_request":
+            reply = admin_pb2.AdminMessage(get_owner_response=self._own_user())
+        elif which == "get_config_request":
+            reply = self._config_response(admin.get_config_request)
+        elif which == "get_channel_request":
+            index = admin.get_channel_request - 1
+            if 0 <= index < MAX_NUM_CHANNELS:
+                reply = admin_pb2.AdminMessage(
+                    get_channel_response=self._channels_pb()[index]
+                )
+        elif which == "set_owner":
+            self._set_owner(admin.set_owner)
+        elif which == "reboot_seconds":
+            self._schedule_reboot(float(admin.reboot_seconds))
+        if not packet.decoded.want_response:
+            return
+        if reply is None:
+            response = self._routing_ack(
+                self._active.node_num,
+                self._active.node_num,
+                packet.id,
+                packet.channel,
+            )
+        else:
+            reply.session_passkey = self._session_passkey
+            response = mesh_pb2.MeshPacket(
+                to=self._active.node_num,
+                id=_random_packet_id(),
+                channel=packet.channel,
+                rx_time=int(time.time()),
+                decoded=mesh_pb2.Data(
+                    portnum=_PORT.ADMIN_APP,
+                    payload=reply.SerializeToString(),
+                    request_id=packet.id,
+                ),
+            )
+            _set_from(response, self._active.node_num)
+        self._to_phone(response)
+
+    def _config_response(self, config_type: int) -> admin_pb2.AdminMessage:
+        """``handleGetConfig``: the section as in the handshake (``sessionkey`` empty)."""
+        name = admin_pb2.AdminMessage.ConfigType.Name(
+            admin_pb2.AdminMessage.ConfigType.ValueType(config_type)
+        )
+        section = name.removesuffix("_CONFIG").lower().replace("deviceui", "device_ui")
+        reply = admin_pb2.AdminMessage()
+        for frame in self._config_frames():
+            if frame.config.WhichOneof("payload_variant") == section:
+                reply.get_config_response.CopyFrom(frame.config)
+        return reply
+
+    def _set_owner(self, user: mesh_pb2.User) -> None:
+        """``handleSetOwner``: new names, ``reloadOwner`` (NodeInfo broadcast), saved.
+
+        The change is persisted (written to :attr:`profile`, so it survives
+        :meth:`reboot`) and, if anything changed, the reboot of ``saveChanges``
+        is scheduled after :attr:`admin_reboot_delay` seconds.
+        """
+        changed = False
+        for attr in ("long_name", "short_name"):
+            value = getattr(user, attr)
+            if value and value != getattr(self._active, attr):
+                setattr(self._active, attr, value)
+                setattr(self.profile, attr, value)
+                changed = True
+        if not changed:
+            return
+        self._serial_log("INFO", "Admin", f"Owner set to {self._active.long_name!r}")
+        self._send_own_nodeinfo()
+        self._schedule_reboot(self.admin_reboot_delay)
+        self._notify()
+
+    def _schedule_reboot(self, seconds: float | None) -> None:
+        """``AdminModule::reboot``: (re)arm the reboot; ``None`` or < 0 cancels it."""
+        if self._reboot_handle is not None:
+            self._reboot_handle.cancel()
+            self._reboot_handle = None
+        if seconds is None or seconds < 0:
+            return
+        self._reboot_handle = asyncio.get_running_loop().call_later(
+            seconds, self._reboot_due
+        )
+
+    def _reboot_due(self) -> None:
+        self._reboot_handle = None
+        self._reboot_task = asyncio.create_task(self.reboot(), name="meshsim reboot")
 
     def _simulate_ack(self, packet: mesh_pb2.MeshPacket) -> None:
         """The ACK a healthy mesh returns for a ``want_ack`` packet.

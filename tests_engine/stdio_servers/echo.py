@@ -3,7 +3,12 @@
 Tools: ``echo(text)``, ``sleep(seconds)``, ``pid()``, ``env(name)`` (the value
 of an environment variable or ``"<unset>"``), ``stderr(lines)`` (writes lines
 to stderr), ``log(text)`` (a logging notification to the client), ``die()``
-(the process exits at once).
+(the process exits at once), ``progress(steps)`` (progress + logging
+notifications), ``sample(prompt)`` (a ``sampling/createMessage`` request to the
+client; returns the client's text), ``ping_client()`` (a ``ping`` request to
+the client), ``changed()`` (``notifications/tools/list_changed``).
+Resource ``echo://greeting`` (text ``hello from echo``); prompt
+``greet(name)`` (one user message ``Say hello to {name}``).
 """
 
 import asyncio
@@ -85,6 +90,57 @@ async def log(text: str, ctx: Context) -> str:  # type: ignore[type-arg]
 def die() -> str:
     """Exit the process without answering."""
     os._exit(3)
+
+
+@server.tool()
+async def progress(steps: int, ctx: Context) -> str:  # type: ignore[type-arg]
+    """Report ``steps`` progress notifications and log one line per step."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+        await ctx.info(f"step {step} of {steps}")
+    return f"{steps} steps"
+
+
+@server.tool()
+async def sample(prompt: str, ctx: Context) -> str:  # type: ignore[type-arg]
+    """Ask the client's model (``sampling/createMessage``) and return its text."""
+    from mcp import types
+
+    result = await ctx.session.create_message(
+        [
+            types.SamplingMessage(
+                role="user", content=types.TextContent(type="text", text=prompt)
+            )
+        ],
+        max_tokens=50,
+    )
+    return str(getattr(result.content, "text", result.content))
+
+
+@server.tool()
+async def ping_client(ctx: Context) -> str:  # type: ignore[type-arg]
+    """Ping the client (a server->client ``ping`` request)."""
+    await ctx.session.send_ping()
+    return "pong"
+
+
+@server.tool()
+async def changed(ctx: Context) -> str:  # type: ignore[type-arg]
+    """Send ``notifications/tools/list_changed``."""
+    await ctx.session.send_tool_list_changed()
+    return "sent"
+
+
+@server.resource("echo://greeting", mime_type="text/plain")
+def greeting() -> str:
+    """A fixed text resource."""
+    return "hello from echo"
+
+
+@server.prompt()
+def greet(name: str) -> str:
+    """A prompt asking to greet ``name``."""
+    return f"Say hello to {name}"
 
 
 if __name__ == "__main__":

@@ -56,6 +56,15 @@ _RESERVED_NONCES = {0, 69420, 69421}
 # Handshake items the proxy has no use for (PhoneAPI STATE_SEND_UIDATA,
 # STATE_SEND_FILEMANIFEST; lockdown builds' status).
 _HANDSHAKE_EXTRAS = {"deviceuiConfig", "fileInfo", "lockdown_status"}
+# Every FromRadio kind a handshake consists of (config_complete_id excluded).
+_HANDSHAKE_KINDS = _HANDSHAKE_EXTRAS | {
+    "my_info",
+    "node_info",
+    "metadata",
+    "channel",
+    "config",
+    "moduleConfig",
+}
 
 
 class StreamWriterLike(Protocol):
@@ -324,6 +333,28 @@ class NodeLinkListener:
     def on_telemetry(self, metrics: telemetry_pb2.DeviceMetrics) -> None:
         """The node reported its own device metrics (handshake or telemetry packet)."""
 
+    def on_from_radio(self, message: mesh_pb2.FromRadio) -> None:
+        """Every decoded ``FromRadio`` the node sent after ``config_complete_id``.
+
+        Called before the link's own handling of the message (so also for
+        ``rebooted``, ``mqttClientProxyMessage`` and ``queueStatus``), never for
+        the items of a handshake, including a refresh (:meth:`NodeLink.request_config`).
+        The message is shared: do not modify it.
+        """
+
+    # A listener may also define ``on_from_radio_frame(message, payload)``
+    # (see :meth:`NodeLink._emit_from_radio`); it is not declared here so that
+    # listeners without it keep getting :meth:`on_from_radio`.
+
+
+@dataclass(slots=True)
+class _Refresh:
+    """A handshake requested on a live connection (:meth:`NodeLink.request_config`)."""
+
+    nonce: int
+    snapshot: NodeSnapshot = field(default_factory=NodeSnapshot)
+    messages: list[mesh_pb2.FromRadio] = field(default_factory=list)
+
 
 @dataclass(slots=True)
 class LinkStats:
@@ -338,6 +369,7 @@ class LinkStats:
     garbage_bytes: int = 0
     oversize_frames: int = 0
     last_error: str | None = None
+    refreshes: int = 0
 
 
 class NodeLink:
@@ -379,6 +411,11 @@ class NodeLink:
         self._live_armed = False
         self._pending: dict[int, asyncio.Future[mesh_pb2.QueueStatus]] = {}
         self._nonce_rng = random.Random()
+        # Items of the last complete handshake, in the order the node sent them
+        # (``config_complete_id`` excluded), for replay by a virtual node.
+        self.handshake_messages: tuple[mesh_pb2.FromRadio, ...] = ()
+        self._handshake_log: list[mesh_pb2.FromRadio] = []
+        self._refresh: _Refresh | None = None
 
     # -- listeners -----------------------------------------------------------
 
@@ -396,6 +433,17 @@ class NodeLink:
         for listener in list(self._listeners):
             try:
                 getattr(listener, method)(*args)
+            except Exception:
+                _LOGGER.exception("%s: listener %s failed", self.name, method)
+
+    def _emit_optional(self, method: str, *args: Any) -> None:
+        """Like :meth:`_emit`, for hooks a duck-typed listener may lack."""
+        for listener in list(self._listeners):
+            callback = getattr(listener, method, None)
+            if callback is None:
+                continue
+            try:
+                callback(*args)
             except Exception:
                 _LOGGER.exception("%s: listener %s failed", self.name, method)
 
@@ -423,6 +471,39 @@ class NodeLink:
             raise LinkNotReadyError(f"{self.name} is not connected")
         self._writer.write(encode_frame(message.SerializeToString()))
         self.stats.frames_tx += 1
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether a :meth:`request_config` handshake is under way."""
+        return self._refresh is not None
+
+    def request_config(self) -> bool:
+        """Ask the live node for its whole state again (a new ``want_config_id``).
+
+        Used after a client changed the node's settings through admin messages
+        that do not reboot it. The firmware restarts its handshake state machine
+        on the open connection (``PhoneAPI::handleStartConfig``) and ignores proxy
+        downlinks until it completes, so the link is ``HANDSHAKING`` meanwhile
+        (:meth:`send` raises :class:`LinkNotReadyError`); on the matching
+        ``config_complete_id`` it replaces :attr:`snapshot` and
+        :attr:`handshake_messages`, goes ``READY`` again and calls ``on_ready``.
+        A refresh that stalls for ``handshake_timeout`` seconds ends the
+        connection (reconnect with a full handshake).
+
+        Returns ``False`` (and does nothing) unless the link is ready and no
+        refresh is under way.
+        """
+        writer = self._writer
+        if not self.ready or writer is None or self._refresh is not None:
+            return False
+        nonce = self._new_nonce()
+        self._refresh = _Refresh(nonce)
+        writer.write(
+            encode_frame(mesh_pb2.ToRadio(want_config_id=nonce).SerializeToString())
+        )
+        self.stats.frames_tx += 1
+        self._set_state(LinkState.HANDSHAKING)
+        return True
 
     def write_buffer_size(self) -> int:
         """Bytes waiting in the transport's write buffer (1 if unknown or down)."""
@@ -546,6 +627,8 @@ class NodeLink:
         self.stats.frames_tx += 1
         self._set_state(LinkState.HANDSHAKING)
         self._live_armed = False
+        self._handshake_log = []
+        self._refresh = None
         snapshot = NodeSnapshot()
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
@@ -553,7 +636,9 @@ class NodeLink:
         heartbeat: asyncio.Task[None] | None = None
         try:
             while True:
-                timeout = self.handshake_timeout if not complete else None
+                timeout = (
+                    self.handshake_timeout if not complete or self.refreshing else None
+                )
                 try:
                     async with asyncio.timeout(timeout):
                         data = await reader.read(65536)
@@ -569,15 +654,18 @@ class NodeLink:
                     if message is None:
                         continue
                     if not complete:
+                        if message.WhichOneof("payload_variant") in _HANDSHAKE_KINDS:
+                            self._handshake_log.append(message)
                         if self._handshake_step(snapshot, message, nonce):
                             complete = True
                             heartbeat = asyncio.create_task(
                                 self._heartbeat_loop(), name=f"{self.name} heartbeat"
                             )
-                    else:
-                        self._handle_live(message)
+                    elif not self.refreshing or not self._refresh_step(message):
+                        self._handle_live(message, payload)
                 self._sync_decoder_stats(decoder)
         finally:
+            self._refresh = None
             self._sync_decoder_stats(decoder)
             if heartbeat is not None:
                 heartbeat.cancel()
@@ -622,6 +710,7 @@ class NodeLink:
             if not snapshot.my_info.my_node_num:
                 raise LinkError("handshake completed without my_info")
             self.snapshot = snapshot
+            self.handshake_messages = tuple(self._handshake_log)
             self.stats.handshakes += 1
             self.backoff.reset()
             self.stats.last_error = None
@@ -637,10 +726,67 @@ class NodeLink:
             _LOGGER.debug("%s: %s before config complete, ignored", self.name, kind)
         return False
 
-    def _handle_live(self, message: mesh_pb2.FromRadio) -> None:
+    def _refresh_step(self, message: mesh_pb2.FromRadio) -> bool:
+        """Fold one item of a refresh handshake in; ``False``: a live message."""
+        refresh = self._refresh
+        assert refresh is not None
+        kind = message.WhichOneof("payload_variant")
+        if kind == "config_complete_id":
+            if message.config_complete_id != refresh.nonce:
+                return True  # answer to an earlier request
+            if not refresh.snapshot.my_info.my_node_num:
+                raise LinkError("refresh completed without my_info")
+            self._refresh = None
+            snapshot = refresh.snapshot
+            self.snapshot = snapshot
+            self.handshake_messages = tuple(refresh.messages)
+            self.stats.refreshes += 1
+            own = snapshot.nodes.get(snapshot.node_num)
+            if own is not None and own.HasField("device_metrics"):
+                self._update_metrics(own.device_metrics)
+            self._set_state(LinkState.READY)
+            self._emit("on_ready", snapshot)
+            return True
+        if kind not in _HANDSHAKE_KINDS:
+            return False
+        apply_from_radio(refresh.snapshot, message)
+        refresh.messages.append(message)
+        return True
+
+    def _emit_from_radio(
+        self, message: mesh_pb2.FromRadio, payload: bytes | None
+    ) -> None:
+        """Give a live ``FromRadio`` to every listener, before the link handles it.
+
+        A listener defining ``on_from_radio_frame(message, payload)`` gets that
+        *instead of* :meth:`NodeLinkListener.on_from_radio`: ``payload`` is the
+        frame's payload exactly as the node sent it (the serialized
+        ``FromRadio`` without the 4-byte stream header, ``id`` included), so a
+        relay can pass the node's bytes on without serializing ``message``
+        again. Both are shared: do not modify them. ``payload`` ``None`` (a
+        message not read from the stream) is serialized here, once.
+        """
+        for listener in list(self._listeners):
+            try:
+                framed = getattr(listener, "on_from_radio_frame", None)
+                if framed is not None:
+                    if payload is None:
+                        payload = message.SerializeToString()
+                    framed(message, payload)
+                    continue
+                callback = getattr(listener, "on_from_radio", None)
+                if callback is not None:
+                    callback(message)
+            except Exception:
+                _LOGGER.exception("%s: listener on_from_radio failed", self.name)
+
+    def _handle_live(
+        self, message: mesh_pb2.FromRadio, payload: bytes | None = None
+    ) -> None:
         kind = message.WhichOneof("payload_variant")
         snapshot = self.snapshot
         assert snapshot is not None
+        self._emit_from_radio(message, payload)
         if kind == "mqttClientProxyMessage":
             self._emit("on_proxy_message", message.mqttClientProxyMessage)
         elif kind == "packet":
@@ -710,9 +856,12 @@ class NodeLink:
                 if self._writer is not None:
                     self._writer.close()
                 raise LinkError(reason)
-            if self._writer is None or self._writer.is_closing():
+            writer = self._writer
+            if writer is None or writer.is_closing():
                 return
-            self.send(heartbeat)
+            # Written directly: also during a refresh (state HANDSHAKING).
+            writer.write(encode_frame(heartbeat.SerializeToString()))
+            self.stats.frames_tx += 1
 
     def _log_text(self, data: bytes) -> None:
         if _LOGGER.isEnabledFor(logging.DEBUG):

@@ -16,7 +16,10 @@ When the child dies:
   private id; its answer is swallowed) and ``notifications/initialized``
   (MCP "Lifecycle" §Initialization); requests that arrive meanwhile wait for it;
 * if it cannot be started at all (``OSError``), the waiting requests get the
-  same error and the start is retried after the backoff.
+  same error and the start is retried after the backoff;
+* a ``ping`` from the client while no child is up is answered here at once
+  (MCP "Ping": the receiver answers promptly), so a transport's health check
+  (MCP-over-MQTT spec §1.5 "Health") does not end a session during a restart.
 
 The child's stderr is logged line by line at WARNING on this module's logger,
 at most ``stderr_lines_per_minute`` lines per minute and session (the number
@@ -98,6 +101,25 @@ class StdioHostStats:
     running: int = 0
 
 
+async def _send(
+    stream: MemoryObjectSendStream[SessionMessage], item: SessionMessage
+) -> None:
+    """Send ``item`` at once when the buffer has room, else wait for room.
+
+    ``MemoryObjectSendStream.send`` yields to the event loop before it
+    delivers (an anyio checkpoint); ``send_nowait`` hands the item over in the
+    same loop pass, one pass less per message on the call path.
+
+    Raises:
+        anyio.ClosedResourceError, anyio.BrokenResourceError: as ``send``.
+
+    """
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
 def _inner(message: SessionMessage) -> Any:
     """The request/notification/response model (mcp 1.x wraps it in a ``RootModel``)."""
     wrapped = message.message
@@ -111,6 +133,12 @@ def _error_message(request_id: Any, message: str) -> SessionMessage:
         "id": request_id,
         "error": {"code": INTERNAL_ERROR, "message": message},
     }
+    return SessionMessage(_MESSAGE_ADAPTER.validate_python(body))
+
+
+def _empty_result(request_id: Any) -> SessionMessage:
+    """The answer to a ``ping`` request: an empty result (MCP "Ping")."""
+    body = {"jsonrpc": "2.0", "id": request_id, "result": {}}
     return SessionMessage(_MESSAGE_ADAPTER.validate_python(body))
 
 
@@ -316,6 +344,13 @@ class StdioHost:
         method = getattr(inner, "method", None)
         request_id = getattr(inner, "id", None)
         is_request = method is not None and request_id is not None
+        if is_request and method == "ping" and not session.up.is_set():
+            self.stats.requests += 1
+            try:
+                await _send(session.write, _empty_result(request_id))
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return False
+            return True
         if is_request:
             session.inflight[request_id] = str(method)
             self.stats.requests += 1
@@ -346,7 +381,7 @@ class StdioHost:
             with contextlib.suppress(
                 anyio.ClosedResourceError, anyio.BrokenResourceError
             ):
-                await child_write.send(item)
+                await _send(child_write, item)
                 return True
         # The child died under the send (its in-flight requests may be failed already).
         if (  # pragma: no cover - a race with the child's death
@@ -358,7 +393,7 @@ class StdioHost:
     async def _answer_error(self, session: _Session, request_id: Any) -> bool:
         self.stats.errors += 1
         try:
-            await session.write.send(_error_message(request_id, EXITED_MESSAGE))
+            await _send(session.write, _error_message(request_id, EXITED_MESSAGE))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
         return True
@@ -518,7 +553,7 @@ class StdioHost:
             elif request_id is not None:
                 session.server_requests.add(request_id)
             try:
-                await session.write.send(item)
+                await _send(session.write, item)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 session.stop()
                 return
