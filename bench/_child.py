@@ -11,8 +11,8 @@ The line protocol between a bench and its child:
 
 * the child's stdout: one JSON object per line (:func:`emit`), first
   ``{"event": "ready", ...}``, then one answer per command;
-* the child's stdin: one command per line (:func:`serve_commands` answers
-  them), ``quit`` or EOF ends it;
+* the child's stdin: one command per line, ``NAME ARG…`` (:func:`serve_commands`
+  answers them), ``quit`` or EOF ends it;
 * :func:`run_profiled` runs the child's main coroutine, with ``--profile FILE``
   a cProfile dump timed with ``time.process_time`` (CPU time of the child only,
   so preemption on a busy machine and idle waits do not count);
@@ -25,6 +25,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Mapping
 import contextlib
 import cProfile
+import inspect
 import json
 from pathlib import Path
 import sys
@@ -70,21 +71,28 @@ async def stdin_reader() -> asyncio.StreamReader:
 
 
 async def serve_commands(
-    stdin: asyncio.StreamReader, commands: Mapping[str, Callable[[], dict[str, Any]]]
+    stdin: asyncio.StreamReader, commands: Mapping[str, Callable[..., Any]]
 ) -> None:
-    """Answer each command line with ``commands[line]()`` until ``quit`` or EOF.
+    """Answer each command line until ``quit`` or EOF.
 
-    An unknown command is answered ``{"event": "error", "message": ...}``.
+    A line is ``NAME ARG…``: ``commands[NAME](*ARGS)`` (the words as strings)
+    returns the answer to emit, a coroutine giving it, or ``None`` for a
+    command that is not answered. An unknown command is answered
+    ``{"event": "error", "message": ...}``.
     """
     while True:
-        line = (await stdin.readline()).decode().strip()
-        if line in ("", "quit"):
+        words = (await stdin.readline()).decode().split()
+        if not words or words[0] == "quit":
             return
-        answer = commands.get(line)
-        if answer is None:
-            emit({"event": "error", "message": f"unknown command {line!r}"})
-        else:
-            emit(answer())
+        command = commands.get(words[0])
+        if command is None:
+            emit({"event": "error", "message": f"unknown command {words[0]!r}"})
+            continue
+        answer = command(*words[1:])
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer is not None:
+            emit(answer)
 
 
 def run_profiled(main: Coroutine[Any, Any, None], profile: Path | None) -> None:
@@ -97,7 +105,7 @@ def run_profiled(main: Coroutine[Any, Any, None], profile: Path | None) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(main)
     finally:
-        if profiler is not None:
+        if profiler is not None and profile is not None:
             profiler.disable()
             profiler.dump_stats(profile)
 
@@ -157,11 +165,17 @@ class ChildProcess:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
+    def send(self, command: str) -> None:
+        """Write one command line (for a command that is not answered)."""
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+
     async def ask(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
         """Send one command line and return the answer line."""
         assert self.proc is not None
         assert self.proc.stdin is not None
-        self.proc.stdin.write(command.encode() + b"\n")
+        self.send(command)
         await self.proc.stdin.drain()
         return await self.read(timeout)
 

@@ -2,13 +2,17 @@
 
 - :func:`machine_line`: the machine and the versions measured (every table's first line);
 - :func:`percentile`: nearest-rank, NaN for no samples;
-- :func:`wait_quiet`: wait for other processes to idle before measuring.
+- :func:`wait_quiet`: wait for other processes to idle before measuring;
+- :func:`table`: the header line and the five-column markdown table;
+- :func:`add_run_options`, :func:`run_main`: the ``--profile`` / ``--wait-quiet``
+  options and ``main()``'s run-print-exit code.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 import contextlib
 import importlib.metadata
 import math
@@ -16,7 +20,9 @@ import os
 from pathlib import Path
 import platform
 import subprocess
+import sys
 import time
+from typing import Any
 
 from devkit.mosquitto import find_mosquitto
 
@@ -84,3 +90,61 @@ async def wait_quiet(limit_s: float, busy_seconds: Callable[[], float]) -> float
         busy = 100.0 * (busy_seconds() - before)
         if busy < QUIET_LIMIT or time.monotonic() >= deadline:
             return busy
+
+
+Row = tuple[str, str, str, str, str]  # metric, measured, baseline, ratio / target, pass
+
+
+def table(header: str, measured: str, baseline: str, rows: list[Row]) -> str:
+    """Return ``header`` and the markdown table of ``rows``.
+
+    ``measured`` and ``baseline`` name the second and third column; a row
+    whose last cell is ``FAIL`` is a missed target.
+    """
+    lines = [
+        header,
+        "",
+        f"| metric | {measured} | {baseline} | ratio / target | pass |",
+        "|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def add_run_options(parser: argparse.ArgumentParser, process: str) -> None:
+    """Add ``--profile FILE`` (cProfile of ``process``) and ``--wait-quiet SECONDS``."""
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help=f"write a cProfile dump (CPU time) of {process} to this file",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for other processes to leave the CPUs idle",
+    )
+
+
+def run_main(
+    main: Coroutine[Any, Any, tuple[str, bool]], stopped: str, *, footer: bool = True
+) -> int:
+    """Run a bench's ``run()``, print its report; return the exit code.
+
+    0 when every target passed, 1 when one failed, 130 on Ctrl-C (``stopped``
+    says what was stopped). ``footer``: end with a line of the seconds taken
+    and the verdict (for reports that do not state it themselves).
+    """
+    started = time.monotonic()
+    try:
+        report, passed = asyncio.run(main)
+    except KeyboardInterrupt:
+        print(f"interrupted; {stopped} stopped", file=sys.stderr)
+        return 130
+    print(report)
+    if footer:
+        verdict = "all targets met" if passed else "some targets FAILED"
+        print(f"\n_{time.monotonic() - started:.0f} s; {verdict}_")
+    return 0 if passed else 1

@@ -11,8 +11,8 @@ never imported, reported in the ready line).
 asyncio relay has: bytes from the node are written unchanged to every
 connected client and the clients' bytes to the node (no parsing at all).
 
-Both are driven line by line: commands on stdin, one JSON object per line on
-stdout (first ``{"event": "ready", ...}``).
+All are driven by the line protocol of ``bench/_child.py``: commands on
+stdin, one JSON object per line on stdout (first ``{"event": "ready", ...}``).
 
 sim commands
     ``lat SEQ``: the node hears a 48-byte text (``VNB <seq> <ns>``, ``ns`` =
@@ -34,32 +34,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import json
 import logging
 from pathlib import Path
 import sys
 import time
-import types
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import _child
 
-def _load_engine_packages() -> None:
-    """Register the two parent packages as bare namespaces (no HA import)."""
-    for name, path in (
-        ("custom_components", ROOT / "custom_components"),
-        ("custom_components.mqtt_bridge", ROOT / "custom_components" / "mqtt_bridge"),
-    ):
-        module = types.ModuleType(name)
-        module.__path__ = [str(path)]
-        sys.modules[name] = module
-
-
-_load_engine_packages()
+_child.load_engine()
 
 from meshtastic.protobuf import mesh_pb2, portnums_pb2
 
@@ -76,22 +63,6 @@ from devkit.meshsim import SimulatedNode, default_profile
 SENDER = 0x433E1F70
 BROADCAST = 0xFFFFFFFF
 TEXT_LEN = 48  # bytes of the text payload: a short chat message
-
-
-def _emit(obj: dict[str, Any]) -> None:
-    """Write one JSON line to stdout (the bench reads it)."""
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def _stdin_lines() -> asyncio.StreamReader:
-    """Return an asyncio reader on stdin."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
-    return reader
 
 
 def hear_text(node: SimulatedNode, seq: int) -> None:
@@ -127,21 +98,17 @@ async def run_sim() -> None:
     """Serve the simulated node until ``quit`` or EOF."""
     node = SimulatedNode(default_profile())
     port = await node.start_tcp()
-    stdin = await _stdin_lines()
-    _emit({"event": "ready", "port": port})
+    stdin = await _child.stdin_reader()
+    _child.emit({"event": "ready", "port": port})
+
+    async def burst(count: str, rate: str, seq0: str) -> dict[str, Any]:
+        seconds = await _burst(node, int(count), float(rate), int(seq0))
+        return {"event": "burst_done", "seconds": round(seconds, 4)}
+
     try:
-        while True:
-            words = (await stdin.readline()).decode().split()
-            if not words or words[0] == "quit":
-                break
-            if words[0] == "lat":
-                hear_text(node, int(words[1]))
-            elif words[0] == "burst":
-                count, rate, seq0 = int(words[1]), float(words[2]), int(words[3])
-                seconds = await _burst(node, count, rate, seq0)
-                _emit({"event": "burst_done", "seconds": round(seconds, 4)})
-            else:
-                _emit({"event": "error", "message": f"unknown command {words!r}"})
+        await _child.serve_commands(
+            stdin, {"lat": lambda seq: hear_text(node, int(seq)), "burst": burst}
+        )
     finally:
         await node.stop()
 
@@ -173,11 +140,10 @@ async def run_relay(node_port: int) -> None:
             clients.discard(self.transport)
 
     server = await loop.create_server(Downstream, "127.0.0.1", 0)
-    stdin = await _stdin_lines()
-    _emit({"event": "ready", "port": server.sockets[0].getsockname()[1]})
+    stdin = await _child.stdin_reader()
+    _child.emit({"event": "ready", "port": server.sockets[0].getsockname()[1]})
     try:
-        while (await stdin.readline()).decode().strip() not in ("", "quit"):
-            pass
+        await _child.serve_commands(stdin, {})
     finally:
         server.close()
         upstream.close()
@@ -192,41 +158,38 @@ async def run_vnode(node_port: int) -> None:
     )
     task = asyncio.create_task(link.run(), name="link")
     server = VirtualNodeServer(link, host="127.0.0.1", port=0)
-    stdin = await _stdin_lines()
+    stdin = await _child.stdin_reader()
+
+    def cpu() -> dict[str, Any]:
+        return {
+            "cpu": time.process_time(),
+            "frames_rx": link.stats.frames_rx,
+            "clients": len(server.clients),
+            "forwarded": server.stats.messages_to_clients,
+            "dropped_slow": server.stats.dropped_slow,
+        }
+
+    async def stop() -> dict[str, Any]:
+        await server.stop()
+        return {"port": None}
+
+    async def start() -> dict[str, Any]:
+        await server.start()
+        return {"port": server.port}
+
     try:
         async with asyncio.timeout(20):
             while link.state is not LinkState.READY:  # noqa: ASYNC110 - no event
                 await asyncio.sleep(0.01)
         await server.start()
-        _emit(
+        _child.emit(
             {
                 "event": "ready",
                 "port": server.port,
                 "homeassistant_imported": "homeassistant" in sys.modules,
             }
         )
-        while True:
-            line = (await stdin.readline()).decode().strip()
-            if line in ("", "quit"):
-                break
-            if line == "cpu":
-                _emit(
-                    {
-                        "cpu": time.process_time(),
-                        "frames_rx": link.stats.frames_rx,
-                        "clients": len(server.clients),
-                        "forwarded": server.stats.messages_to_clients,
-                        "dropped_slow": server.stats.dropped_slow,
-                    }
-                )
-            elif line == "stop":
-                await server.stop()
-                _emit({"port": None})
-            elif line == "start":
-                await server.start()
-                _emit({"port": server.port})
-            else:
-                _emit({"event": "error", "message": f"unknown command {line!r}"})
+        await _child.serve_commands(stdin, {"cpu": cpu, "stop": stop, "start": start})
     finally:
         await server.stop()
         task.cancel()
@@ -244,21 +207,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    profiler = cProfile.Profile(time.process_time) if args.profile else None
-    if profiler is not None:
-        profiler.enable()
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            if args.role == "sim":
-                asyncio.run(run_sim())
-            elif args.role == "relay":
-                asyncio.run(run_relay(args.node_port))
-            else:
-                asyncio.run(run_vnode(args.node_port))
-    finally:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(args.profile)
+    if args.role == "sim":
+        child = run_sim()
+    elif args.role == "relay":
+        child = run_relay(args.node_port)
+    else:
+        child = run_vnode(args.node_port)
+    _child.run_profiled(child, args.profile)
 
 
 if __name__ == "__main__":

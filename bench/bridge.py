@@ -755,19 +755,7 @@ def main() -> int:
     parser.add_argument(
         "--clients", type=int, default=CLIENTS, help="concurrent clients (default 10)"
     )
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="write a cProfile dump (CPU time) of the bridge process to this file",
-    )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to leave the CPUs idle",
-    )
+    _report.add_run_options(parser, "the bridge process")
     args = parser.parse_args()
     if args.calls < 1 or args.warmup < 0 or args.seconds <= 0 or args.clients < 1:
         parser.error("--calls, --seconds and --clients must be positive")
@@ -780,13 +768,7 @@ def main() -> int:
         args.profile.resolve() if args.profile else None,
         args.wait_quiet,
     )
-    try:
-        text, passed = asyncio.run(run(config))
-    except KeyboardInterrupt:
-        print("interrupted; worker and broker stopped", file=sys.stderr)
-        return 130
-    print(text)
-    return 0 if passed else 1
+    return _report.run_main(run(config), "worker and broker", footer=False)
 
 
 if __name__ == "__main__":

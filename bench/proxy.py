@@ -1068,18 +1068,6 @@ def load_row(
     )
 
 
-def render(header: str, rows: list[tuple[str, str, str, str, str]]) -> str:
-    """Return the header line and the markdown table."""
-    lines = [
-        header,
-        "",
-        "| metric | proxy | baseline | ratio / target | pass |",
-        "|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # -- main --------------------------------------------------------------------------
 
 
@@ -1137,39 +1125,18 @@ async def run(config: Config) -> tuple[str, bool]:
     rows.append(flood_row(flood))
     rows.append(load_row(load, up_steps + up_cpu + down_steps + down_cpu))
     passed = all(r[4] != "FAIL" for r in rows)
-    return render(machine_line(config.quick), rows), passed
+    return _report.table(machine_line(config.quick), "proxy", "baseline", rows), passed
 
 
 def main() -> int:
     """Parse arguments, run, print the table; exit 1 when a target failed."""
     parser = argparse.ArgumentParser(description="Benchmark the proxy engine.")
     parser.add_argument("--quick", action="store_true", help="smoke run, < 60 s")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="write a cProfile dump of the engine process to this file",
-    )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to leave the CPUs idle",
-    )
+    _report.add_run_options(parser, "the engine process")
     args = parser.parse_args()
     profile = args.profile.resolve() if args.profile else None
     config = Config.make(quick=args.quick, profile=profile, wait_quiet=args.wait_quiet)
-    started = time.monotonic()
-    try:
-        report, passed = asyncio.run(run(config))
-    except KeyboardInterrupt:
-        print("interrupted; worker, simulator and broker stopped", file=sys.stderr)
-        return 130
-    print(report)
-    verdict = "all targets met" if passed else "some targets FAILED"
-    print(f"\n_{time.monotonic() - started:.0f} s; {verdict}_")
-    return 0 if passed else 1
+    return _report.run_main(run(config), "worker, simulator and broker")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Callable
-import contextlib
 from dataclasses import dataclass, field
-import json
 import os
 from pathlib import Path
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -63,13 +62,13 @@ if str(ROOT) not in sys.path:
 from google.protobuf.internal import api_implementation
 from meshtastic.protobuf import mesh_pb2
 
+from bench import _child
+
+_child.load_engine()
+
 from bench import _report
-from bench.proxy import (
-    percentile,
-    proc_cpu_seconds,
-    system_busy_seconds,
-    wait_quiet,
-)
+from bench._report import QUIET_LIMIT, Row, percentile
+from bench.proxy import proc_cpu_seconds, system_busy_seconds
 from custom_components.mqtt_bridge.engine.stream import (
     WAKE_BYTES,
     FrameDecoder,
@@ -83,7 +82,6 @@ BLOCK = 50  # sequential texts per path before the other path's turn
 MARK = b"VNB "
 MARK_LEN = 32  # "VNB " + 8-digit sequence + " " + 19-digit nanoseconds
 NA = "-"
-QUIET_LIMIT = 10.0  # % of one core other processes may use without a warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,67 +106,26 @@ class Config:
 # -- children ----------------------------------------------------------------------
 
 
-class Child:
-    """A child process of ``_vnode_children.py`` driven over stdin/stdout."""
+class Child(_child.ChildProcess):
+    """A child process of ``_vnode_children.py``; its ready line in :attr:`ready`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
-        """Wrap a started child and its ready line."""
-        self.proc = proc
-        self.ready = ready
+    stop_timeout = 5.0
 
-    @classmethod
-    async def start(cls, *args: str) -> Child:
-        """Start ``_vnode_children.py *args`` and wait for its ready line."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(CHILD),
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        child = cls(proc, {})
-        child.ready = await child.read(30.0)
-        if child.ready.get("event") != "ready":
-            raise RuntimeError(f"child {args} failed: {child.ready}")
-        return child
+    def __init__(self, log: Path, role: str) -> None:
+        """Prepare (not start) a ``role`` child (sim, vnode or relay) logging to ``log``."""
+        super().__init__(log)
+        self.label = role
+        self.role = role
+        self.ready: dict[str, Any] = {}
+
+    async def start(self, *args: str) -> None:
+        """Start ``_vnode_children.py role *args`` and wait for its ready line."""
+        self.ready = await self.launch([str(CHILD), self.role, *args])
 
     @property
     def port(self) -> int:
         """The TCP port the child listens on."""
         return int(self.ready["port"])
-
-    def send(self, line: str) -> None:
-        """Write one command line."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-
-    async def read(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Read the next JSON line."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            line = await self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("child exited")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    async def request(self, line: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Send a command and return its answer."""
-        self.send(line)
-        return await self.read(timeout)
-
-    async def close(self) -> None:
-        """Ask the child to quit; kill it if it does not."""
-        with contextlib.suppress(OSError, RuntimeError):
-            self.send("quit")
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            async with asyncio.timeout(5):
-                await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 # -- clients -----------------------------------------------------------------------
@@ -291,9 +248,13 @@ class Latency:
 class Bench:
     """The children, the clients and the phases."""
 
-    def __init__(self, config: Config, profile: Path | None = None) -> None:
-        """Nothing runs until :meth:`setup`; ``profile``: cProfile file of the engine."""
+    def __init__(self, config: Config, logs: Path, profile: Path | None = None) -> None:
+        """Nothing runs until :meth:`setup`; children log to files in ``logs``.
+
+        ``profile``: cProfile file of the engine.
+        """
         self.config = config
+        self.logs = logs
         self.profile = profile
         self.arrivals = Arrivals()
         self.children: list[Child] = []
@@ -307,26 +268,28 @@ class Bench:
         self.clients: list[Client] = []
         self.seq = 0
 
+    async def child(self, role: str, *args: str) -> Child:
+        """Start a ``role`` child with ``args``; :meth:`teardown` stops it."""
+        child = Child(self.logs / f"{len(self.children)}-{role}.log", role)
+        self.children.append(child)
+        await child.start(*args)
+        return child
+
     async def setup(self) -> None:
-        """Start both simulators and the engine; connect the direct client."""
-        self.direct_sim = await Child.start("sim")
-        self.children.append(self.direct_sim)
-        self.shared_sim = await Child.start("sim")
-        self.children.append(self.shared_sim)
+        """Start the simulators, the engine and the relay; connect the single clients."""
+        self.direct_sim = await self.child("sim")
+        self.shared_sim = await self.child("sim")
         profile = ["--profile", str(self.profile)] if self.profile else []
-        self.vnode = await Child.start(
+        self.vnode = await self.child(
             "vnode", "--node-port", str(self.shared_sim.port), *profile
         )
-        self.children.append(self.vnode)
         if self.vnode.ready.get("homeassistant_imported"):
             raise RuntimeError("the engine process imported Home Assistant")
         self.direct = await Client.connect(
             self.direct_sim.port, 1, self.arrivals.on_text
         )
-        self.relay_sim = await Child.start("sim")
-        self.children.append(self.relay_sim)
-        self.relay = await Child.start("relay", "--node-port", str(self.relay_sim.port))
-        self.children.append(self.relay)
+        self.relay_sim = await self.child("sim")
+        self.relay = await self.child("relay", "--node-port", str(self.relay_sim.port))
         self.relayed = await Client.connect(self.relay.port, 2, self.arrivals.on_text)
 
     async def teardown(self) -> None:
@@ -335,7 +298,7 @@ class Bench:
             if client is not None:
                 client.close()
         for child in reversed(self.children):
-            await child.close()
+            await child.stop()
 
     async def shared_clients(self, count: int) -> None:
         """Connect or close virtual node clients until ``count`` are connected."""
@@ -348,7 +311,7 @@ class Bench:
         while len(self.clients) > count:
             self.clients.pop().close()
         async with asyncio.timeout(5):
-            while (await self.vnode.request("cpu"))["clients"] != count:  # noqa: ASYNC110
+            while (await self.vnode.ask("cpu"))["clients"] != count:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
     async def one_text(self, sim: Child, need: int) -> list[float]:
@@ -393,18 +356,18 @@ class Bench:
         assert self.shared_sim is not None
         assert self.vnode is not None
         count = self.config.burst
-        before = await self.vnode.request("cpu")
+        before = await self.vnode.ask("cpu")
         counts = {
             client: self.arrivals.counts.get(client, 0) for client in self.clients
         }
         seq0 = self.seq + 1
         self.seq += count
-        answer = await self.shared_sim.request(
+        answer = await self.shared_sim.ask(
             f"burst {count} {self.config.rate} {seq0}", timeout=60
         )
         async with asyncio.timeout(30):
             while True:
-                now = await self.vnode.request("cpu")
+                now = await self.vnode.ask("cpu")
                 arrived = all(
                     self.arrivals.counts.get(client, 0) - counts[client] >= count
                     for client in self.clients
@@ -423,9 +386,6 @@ class Bench:
 
 
 # -- report ------------------------------------------------------------------------
-
-
-Row = tuple[str, str, str, str, str]
 
 
 def latency_rows(
@@ -499,18 +459,6 @@ def cpu_rows(results: list[tuple[str, float, float]], config: Config) -> list[Ro
     return rows
 
 
-def render(header: str, rows: list[Row]) -> str:
-    """Return the header line and the markdown table."""
-    lines = [
-        header,
-        "",
-        "| metric | virtual node | direct | ratio / target | pass |",
-        "|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def machine_line(quick: bool) -> str:
     """One line: CPU, cores, OS, Python and the versions that matter."""
     return _report.machine_line(
@@ -530,11 +478,17 @@ async def run(
     leave the CPUs idle.
     """
     if quiet > 0:
-        await wait_quiet(quiet)
-    bench = Bench(config, profile)
+        await _report.wait_quiet(quiet, system_busy_seconds)
+    with tempfile.TemporaryDirectory(prefix="bench-vnode-") as logs:
+        return await _measure(Bench(config, Path(logs), profile))
+
+
+async def _measure(bench: Bench) -> tuple[str, bool]:
+    """Set ``bench`` up, run its phases, tear it down; return the report and verdict."""
+    config = bench.config
     try:
         await bench.setup()
-        pids = [os.getpid(), *(child.proc.pid for child in bench.children)]
+        pids = [os.getpid(), *(child.pid for child in bench.children)]
         ours_start = sum(proc_cpu_seconds(pid) for pid in pids)
         busy_start, wall_start = system_busy_seconds(), time.monotonic()
         await bench.shared_clients(1)
@@ -550,7 +504,7 @@ async def run(
         await bench.shared_clients(0)
         results.append(await bench.cpu("port open, 0 clients"))
         assert bench.vnode is not None
-        await bench.vnode.request("stop")
+        await bench.vnode.ask("stop")
         results.append(await bench.cpu("link only (port closed)"))
     finally:
         await bench.teardown()
@@ -579,39 +533,20 @@ async def run(
         )
     )
     passed = all(r[4] != "FAIL" for r in rows)
-    return render(machine_line(config.quick), rows), passed
+    return _report.table(
+        machine_line(config.quick), "virtual node", "direct", rows
+    ), passed
 
 
 def main() -> int:
     """Parse arguments, run, print the table; exit 1 when a target failed."""
     parser = argparse.ArgumentParser(description="Benchmark the virtual node.")
     parser.add_argument("--quick", action="store_true", help="smoke run, < 30 s")
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="write a cProfile dump (CPU time) of the engine process to this file",
-    )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to leave the CPUs idle",
-    )
+    _report.add_run_options(parser, "the engine process")
     args = parser.parse_args()
     config = Config.make(quick=args.quick)
     profile = args.profile.resolve() if args.profile else None
-    started = time.monotonic()
-    try:
-        report, passed = asyncio.run(run(config, profile, args.wait_quiet))
-    except KeyboardInterrupt:
-        print("interrupted; children stopped", file=sys.stderr)
-        return 130
-    print(report)
-    verdict = "all targets met" if passed else "some targets FAILED"
-    print(f"\n_{time.monotonic() - started:.0f} s; {verdict}_")
-    return 0 if passed else 1
+    return _report.run_main(run(config, profile, args.wait_quiet), "children")
 
 
 if __name__ == "__main__":

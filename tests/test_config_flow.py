@@ -57,6 +57,7 @@ from devkit.mosquitto import Mosquitto, free_port
 from tests.common import (
     MINOR_VERSION,
     NODE_NUM,
+    NODE_PROXY_DEFAULTS,
     TRANSLATIONS,
     VERSION,
     check_flow_translations,
@@ -927,14 +928,7 @@ async def test_options_node_broker(hass: HomeAssistant) -> None:
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "init"
     defaults = {key.schema: key.default() for key in result["data_schema"].schema}
-    assert defaults == {
-        CONF_BROKER_MODE: BROKER_MODE_NODE,
-        CONF_ALLOW_SELF_SIGNED: False,
-        CONF_FORWARD_RETAINED: False,
-        CONF_FORWARD_OWN_ECHOES: False,
-        CONF_UPLINK_QUEUE_SIZE: 1000,
-        CONF_SHARE_NODE: False,
-    }
+    assert defaults == {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: False}
 
     result = await hass.config_entries.options.async_configure(
         result["flow_id"],
@@ -959,14 +953,7 @@ async def test_options_node_broker(hass: HomeAssistant) -> None:
 
 
 def _init_input(mode: str = BROKER_MODE_CUSTOM) -> dict[str, object]:
-    return {
-        CONF_BROKER_MODE: mode,
-        CONF_ALLOW_SELF_SIGNED: False,
-        CONF_FORWARD_RETAINED: False,
-        CONF_FORWARD_OWN_ECHOES: False,
-        CONF_UPLINK_QUEUE_SIZE: 1000,
-        CONF_SHARE_NODE: False,
-    }
+    return {**NODE_PROXY_DEFAULTS, CONF_BROKER_MODE: mode, CONF_SHARE_NODE: False}
 
 
 async def test_options_custom_broker(

@@ -8,8 +8,6 @@ checks what the link makes of them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-import contextlib
 import logging
 
 from meshtastic.protobuf import channel_pb2, mesh_pb2
@@ -25,12 +23,9 @@ from custom_components.mqtt_bridge.engine.node_link import (
     probe_node,
     tcp_connector,
 )
-from custom_components.mqtt_bridge.engine.stream import FrameDecoder, encode_frame
-from tests.common import wait_for
+from tests.common import scripted, wait_for
 
 NODE = 0x0A0B0C0D
-
-type Script = Callable[[int], list[mesh_pb2.FromRadio | bytes]]
 
 
 def _my_info() -> mesh_pb2.FromRadio:
@@ -39,50 +34,6 @@ def _my_info() -> mesh_pb2.FromRadio:
 
 def _complete(nonce: int) -> mesh_pb2.FromRadio:
     return mesh_pb2.FromRadio(config_complete_id=nonce)
-
-
-class ScriptedNode:
-    """Answers every ``want_config_id`` with ``script(nonce)``; ``send`` goes live."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.writers: list[asyncio.StreamWriter] = []
-        self.handshakes = 0
-
-    async def serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.writers.append(writer)
-        decoder = FrameDecoder()
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(4096):
-                for payload in decoder.feed(data):
-                    message = mesh_pb2.ToRadio()
-                    message.ParseFromString(payload)
-                    if message.WhichOneof("payload_variant") == "want_config_id":
-                        self.handshakes += 1
-                        for item in self.script(message.want_config_id):
-                            self.send(item)
-        writer.close()
-
-    def send(self, item: mesh_pb2.FromRadio | bytes) -> None:
-        raw = item if isinstance(item, bytes) else item.SerializeToString()
-        for writer in self.writers:
-            if not writer.is_closing():
-                writer.write(encode_frame(raw))
-
-
-@contextlib.asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[tuple[ScriptedNode, int]]:
-    node = ScriptedNode(script)
-    server = await asyncio.start_server(node.serve, "127.0.0.1", 0)
-    try:
-        yield node, server.sockets[0].getsockname()[1]
-    finally:
-        for writer in node.writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 class Recorder(NodeLinkListener):

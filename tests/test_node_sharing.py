@@ -3,14 +3,13 @@
 Home Assistant runs the virtual node on the node entry's link; the clients
 are the real ``meshtastic`` library (``TCPInterface``, blocking: run in the
 executor and closed in ``finally`` by ``library()``, which also joins its
-threads) and the raw stream client of ``tests/test_virtual_node.py``, over
+threads) and the raw stream client of ``tests/common.py``, over
 real sockets on 127.0.0.1, against the node simulator and a real Mosquitto.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import contextlib
 from datetime import timedelta
 import socket
@@ -42,21 +41,16 @@ import voluptuous as vol
 from custom_components.mqtt_bridge import node_runtime, node_sharing
 from custom_components.mqtt_bridge.const import (
     BROKER_MODE_CUSTOM,
-    BROKER_MODE_NODE,
-    CONF_ALLOW_SELF_SIGNED,
     CONF_BROKER_HOST,
     CONF_BROKER_MODE,
     CONF_BROKER_PASSWORD,
     CONF_BROKER_PORT,
     CONF_BROKER_TLS,
     CONF_BROKER_USERNAME,
-    CONF_FORWARD_OWN_ECHOES,
-    CONF_FORWARD_RETAINED,
     CONF_SHARE_HOST,
     CONF_SHARE_NETWORKS,
     CONF_SHARE_NODE,
     CONF_SHARE_PORT,
-    CONF_UPLINK_QUEUE_SIZE,
     DOMAIN,
     EVENT_TEXT_MESSAGE,
     ISSUE_VIRTUAL_NODE_PORT,
@@ -77,24 +71,24 @@ from custom_components.mqtt_bridge.node_sharing import (
 )
 from devkit.meshsim import SimulatedNode
 from devkit.mosquitto import Mosquitto, free_port
-from tests.common import NODE_NUM, add_node_entry, check_flow_translations, wait_for
-from tests.test_virtual_node import ALPINE, RawClient, library, text_packet
+from tests.common import (
+    NODE_NUM,
+    NODE_PROXY_DEFAULTS,
+    add_node_entry,
+    check_flow_translations,
+    raw_client,
+    wait_for,
+)
+from tests.test_virtual_node import ALPINE, library, text_packet
 
 CLIENTS_KEY = "shared_node_clients"
 PACKETS_KEY = "shared_node_packets"
-PROXY_DEFAULTS = {
-    CONF_BROKER_MODE: BROKER_MODE_NODE,
-    CONF_ALLOW_SELF_SIGNED: False,
-    CONF_FORWARD_RETAINED: False,
-    CONF_FORWARD_OWN_ECHOES: False,
-    CONF_UPLINK_QUEUE_SIZE: 1000,
-}
 
 
 def share_options(port: int, **options: Any) -> dict[str, Any]:
     """Node entry options with sharing on at ``port`` (defaults otherwise)."""
     return {
-        **PROXY_DEFAULTS,
+        **NODE_PROXY_DEFAULTS,
         CONF_SHARE_NODE: True,
         CONF_SHARE_PORT: port,
         CONF_SHARE_HOST: "0.0.0.0",
@@ -147,15 +141,6 @@ async def setup_shared(
     return entry
 
 
-@contextlib.asynccontextmanager
-async def raw_client(port: int) -> AsyncIterator[RawClient]:
-    client = await RawClient.connect(port)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 # -- options flow -------------------------------------------------------------------
 
 
@@ -170,7 +155,7 @@ async def test_options_share_step_validates_and_saves(
     assert defaults[CONF_SHARE_NODE] is False
 
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {**PROXY_DEFAULTS, CONF_SHARE_NODE: True}
+        result["flow_id"], {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: True}
     )
     assert result["type"] is FlowResultType.FORM
     assert result["step_id"] == "share"
@@ -230,7 +215,7 @@ async def test_options_share_step_validates_and_saves(
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert entry.options == {
-        **PROXY_DEFAULTS,
+        **NODE_PROXY_DEFAULTS,
         CONF_SHARE_NODE: True,
         CONF_SHARE_PORT: port,
         CONF_SHARE_HOST: "127.0.0.1",
@@ -242,7 +227,7 @@ async def test_options_share_step_validates_and_saves(
     defaults = {key.schema: key.default() for key in result["data_schema"].schema}
     assert defaults[CONF_SHARE_NODE] is True
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {**PROXY_DEFAULTS, CONF_SHARE_NODE: True}
+        result["flow_id"], {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: True}
     )
     suggested = {
         key.schema: (key.description or {}).get("suggested_value")
@@ -255,7 +240,7 @@ async def test_options_share_step_validates_and_saves(
     assert entry.options[CONF_SHARE_NETWORKS] == []  # cleared: the local networks
     result = await hass.config_entries.options.async_init(entry.entry_id)
     result = await hass.config_entries.options.async_configure(
-        result["flow_id"], {**PROXY_DEFAULTS, CONF_SHARE_NODE: False}
+        result["flow_id"], {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: False}
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     assert entry.options[CONF_SHARE_NODE] is False
@@ -271,7 +256,11 @@ async def test_options_custom_broker_then_share(
     result = await hass.config_entries.options.async_init(entry.entry_id)
     result = await hass.config_entries.options.async_configure(
         result["flow_id"],
-        {**PROXY_DEFAULTS, CONF_BROKER_MODE: BROKER_MODE_CUSTOM, CONF_SHARE_NODE: True},
+        {
+            **NODE_PROXY_DEFAULTS,
+            CONF_BROKER_MODE: BROKER_MODE_CUSTOM,
+            CONF_SHARE_NODE: True,
+        },
     )
     assert result["step_id"] == "broker"
     result = await hass.config_entries.options.async_configure(
@@ -537,7 +526,7 @@ async def test_port_in_use_cleared_by_choosing_another_port(
         port = free_port()
         result = await hass.config_entries.options.async_init(entry.entry_id)
         result = await hass.config_entries.options.async_configure(
-            result["flow_id"], {**PROXY_DEFAULTS, CONF_SHARE_NODE: True}
+            result["flow_id"], {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: True}
         )
         # The taken port is reported in the form, before anything is saved.
         result = await hass.config_entries.options.async_configure(
@@ -557,7 +546,7 @@ async def test_port_in_use_cleared_by_choosing_another_port(
         # The port this entry already listens on is not reported as taken.
         result = await hass.config_entries.options.async_init(entry.entry_id)
         result = await hass.config_entries.options.async_configure(
-            result["flow_id"], {**PROXY_DEFAULTS, CONF_SHARE_NODE: True}
+            result["flow_id"], {**NODE_PROXY_DEFAULTS, CONF_SHARE_NODE: True}
         )
         result = await hass.config_entries.options.async_configure(
             result["flow_id"], {CONF_SHARE_PORT: port, CONF_SHARE_HOST: "127.0.0.1"}

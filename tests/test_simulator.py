@@ -12,7 +12,6 @@ from collections.abc import Callable
 import contextlib
 import os
 import threading
-import time
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from meshtastic.protobuf import (
@@ -28,6 +27,7 @@ import pytest
 import serialx
 
 from devkit.meshsim import ChannelSpec, SimulatedNode, default_profile
+from tests.common import join_new_threads
 
 NODE_NUM = 0x1A2B3C4D
 NODE_ID = "!1a2b3c4d"
@@ -784,23 +784,6 @@ async def test_serial_pty_with_interleaved_log_lines() -> None:
 # --------------------------------------------------------------------- real library
 
 
-_EXECUTOR_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor", "SyncWorker")
-
-
-def _join_new_threads(before: set[threading.Thread], timeout: float = 3.0) -> None:
-    """Wait (bounded) for threads started since ``before`` (heartbeat Timer...)."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread in before or thread is threading.current_thread():
-            continue
-        if isinstance(thread, threading.Timer):
-            thread.cancel()
-        if thread.name.startswith(_EXECUTOR_THREAD_PREFIXES):
-            continue  # the loop's default executor, shut down by the harness
-        thread.join(max(0.0, deadline - time.monotonic()))
-        assert not thread.is_alive(), f"thread left behind: {thread}"
-
-
 async def test_real_meshtastic_tcp_interface(node: SimulatedNode) -> None:
     loop = asyncio.get_running_loop()
     uplinks: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -846,7 +829,7 @@ async def test_real_meshtastic_tcp_interface(node: SimulatedNode) -> None:
         if iface is not None:
             await loop.run_in_executor(None, iface.close)
         pub.unsubscribe(listener, "meshtastic.mqttclientproxymessage")
-        await loop.run_in_executor(None, _join_new_threads, before)
+        await loop.run_in_executor(None, join_new_threads, before, 3.0)
 
 
 # --------------------------------------------------------------------- framing details

@@ -879,7 +879,8 @@ async def test_unload_clears_presence_and_stops_children(
     hosted = runtime_of(entry).hosted
     server = server_of(entry, subentry)
     await wait_for(lambda: server.running, timeout=10)
-    instance = server._instance
+    instance, task = server._instance, server._task
+    assert task is not None
     assert list(await retained_presence(mosquitto.port, name)) == [
         instance.client.client_id
     ]
@@ -890,7 +891,7 @@ async def test_unload_clears_presence_and_stops_children(
 
         assert await hass.config_entries.async_unload(entry.entry_id)
         # The unload waited for the server: children stopped, presence cleared.
-        assert instance.task.done()
+        assert task.done()
         assert instance.host.stats.running == 0
         assert not process_alive(pid)
         assert await retained_presence(mosquitto.port, name) == {}
@@ -1149,8 +1150,9 @@ async def test_simple_devices_on_a_request_topic(
     subentry = await add_server(hass, entry, name, request_topic=request_topic)
     assert subentry.data["request_topic"] == request_topic
     server = server_of(entry, subentry)
-    instance = server._instance
+    instance, task = server._instance, server._task
     assert instance is not None
+    assert task is not None
     assert instance.simple is not None
     assert instance.simple_host is not None
     simple = instance.simple
@@ -1228,8 +1230,7 @@ async def test_simple_devices_on_a_request_topic(
     assert result["reason"] == "reconfigure_successful"
     await hass.async_block_till_done()
     await wait_for(lambda: not server._retiring, timeout=15)
-    assert instance.task is not None
-    assert instance.task.done()
+    assert task.done()
     assert not process_alive(simple_pid)
     await wait_for(lambda: server.running, timeout=10)
     new = server._instance

@@ -2,7 +2,7 @@
 
 Real TCP sockets on 127.0.0.1; the clients are the real ``meshtastic`` library
 (``TCPInterface``, blocking, run in the loop's executor and closed in
-``finally``) and a raw stream client written here. No mocks.
+``finally``) and the raw stream client of ``tests/common.py``. No mocks.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from custom_components.mqtt_bridge.engine.node_link import (
     tcp_connector,
 )
 from custom_components.mqtt_bridge.engine.stream import (
-    WAKE_BYTES,
-    FrameDecoder,
     encode_frame,
 )
 from custom_components.mqtt_bridge.engine.virtual_node import (
@@ -56,7 +54,13 @@ from custom_components.mqtt_bridge.engine.virtual_node import (
     parse_networks,
 )
 from devkit.meshsim import SimulatedNode, default_profile
-from tests.common import NODE_NUM, wait_for
+from tests.common import (
+    NODE_NUM,
+    RawClient,
+    join_new_threads,
+    scripted,
+    wait_for,
+)
 
 NODE_ID = f"!{NODE_NUM:08x}"
 ALPINE = 0x433E1F70  # one of the simulator's other nodes
@@ -79,76 +83,6 @@ def text_packet(text: str, packet_id: int | None = None) -> mesh_pb2.ToRadio:
     packet.decoded.portnum = portnums_pb2.PortNum.TEXT_MESSAGE_APP
     packet.decoded.payload = text.encode()
     return message
-
-
-class RawClient:
-    """A stream API client on asyncio streams that records every ``FromRadio``."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = FrameDecoder()
-        self.received: list[mesh_pb2.FromRadio] = []
-        self.eof = False
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def connect(cls, port: int, *, read: bool = True) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = cls(reader, writer)
-        if not read:
-            client._task.cancel()
-        return client
-
-    async def _read(self) -> None:
-        while True:
-            data = await self.reader.read(65536)
-            if not data:
-                self.eof = True
-                self._changed.set()
-                return
-            for payload in self.decoder.feed(data):
-                message = mesh_pb2.FromRadio()
-                message.ParseFromString(payload)
-                self.received.append(message)
-            self._changed.set()
-
-    def send(self, message: mesh_pb2.ToRadio, *, wake: bool = False) -> None:
-        data = encode_frame(message.SerializeToString())
-        self.writer.write(WAKE_BYTES + data if wake else data)
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    def of_kind(self, name: str) -> list[mesh_pb2.FromRadio]:
-        return [m for m in self.received if kind(m) == name]
-
-    async def handshake(self, nonce: int) -> list[mesh_pb2.FromRadio]:
-        """Send ``want_config_id`` and return the items up to ``config_complete_id``."""
-        start = len(self.received)
-        self.send(mesh_pb2.ToRadio(want_config_id=nonce), wake=True)
-
-        def complete() -> bool:
-            return any(m.config_complete_id == nonce for m in self.received[start:])
-
-        await self.wait(complete)
-        items = self.received[start:]
-        end = next(i for i, m in enumerate(items) if m.config_complete_id == nonce)
-        return items[: end + 1]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
 
 
 @dataclass
@@ -202,23 +136,6 @@ async def rig(
             task.cancel()
             await asyncio.wait({task})
         await sim.stop()
-
-
-_EXECUTOR_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor", "SyncWorker")
-
-
-def _join_new_threads(before: set[threading.Thread], timeout: float = 5.0) -> None:
-    """Wait (bounded) for threads started since ``before``; cancel heartbeat Timers."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread in before or thread is threading.current_thread():
-            continue
-        if isinstance(thread, threading.Timer):
-            thread.cancel()
-        if thread.name.startswith(_EXECUTOR_THREAD_PREFIXES):
-            continue  # the loop's default executor, shut down by the harness
-        thread.join(max(0.0, deadline - time.monotonic()))
-        assert not thread.is_alive(), f"thread left behind: {thread}"
 
 
 @dataclass
@@ -292,7 +209,7 @@ async def library() -> AsyncIterator[Library]:
             await lib.run(iface.close)
         for topic, listener in listeners.items():
             pub.unsubscribe(listener, topic)
-        await lib.run(_join_new_threads, before)
+        await lib.run(join_new_threads, before)
 
 
 def name_in_nodes(iface: Any, num: int) -> str | None:
@@ -595,6 +512,50 @@ async def test_admin_reboot_after_set_owner_heals_clients() -> None:
 # --------------------------------------------------------------------- slow, idle
 
 
+@dataclass
+class Stalled:
+    """A client that never reads: its socket, its request frame, its server info."""
+
+    sock: socket.socket
+    request: bytes  # one ``want_config_id`` frame (about 1.2 kB of answer each)
+    info: Callable[[], Any]  # its ``ClientInfo`` on the server, None once dropped
+
+
+@contextlib.asynccontextmanager
+async def stalled_client(
+    server: VirtualNodeServer, nonce: int
+) -> AsyncIterator[Stalled]:
+    """Connect a client that never reads (small receive buffer), closed on exit.
+
+    It asks for the handshake over and over until the kernel buffers are
+    full and the server has to hold data for it (``buffered_bytes`` > 0).
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        port = sock.getsockname()[1]
+        request = encode_frame(
+            mesh_pb2.ToRadio(want_config_id=nonce).SerializeToString()
+        )
+
+        def info() -> Any:
+            return next((c for c in server.clients if c.port == port), None)
+
+        await wait_for(lambda: info() is not None)
+        for _ in range(500):
+            if info().buffered_bytes:
+                break
+            await loop.sock_sendall(sock, request * 10)
+            await asyncio.sleep(0.005)
+        assert info().buffered_bytes > 0
+        yield Stalled(sock, request, info)
+    finally:
+        sock.close()
+
+
 async def test_client_that_stops_reading_is_dropped_without_delaying_others() -> None:
     async with rig(send_buffer_limit=32 * 1024) as setup, library() as lib:
         node, server = setup.node, setup.server
@@ -615,39 +576,16 @@ async def test_client_that_stops_reading_is_dropped_without_delaying_others() ->
             return time.perf_counter() - start
 
         baseline = min([await mesh_latency(f"base {i}") for i in range(3)])
-        # A client that never reads (small receive buffer) and asks for the
-        # handshake over and over (about 1.2 kB per answer).
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", server.port))
-        slow_port = sock.getsockname()[1]
-        request = encode_frame(mesh_pb2.ToRadio(want_config_id=7).SerializeToString())
-
-        def slow() -> Any:
-            return next((c for c in server.clients if c.port == slow_port), None)
-
-        try:
-            await wait_for(lambda: slow() is not None)
-            # Fill the kernel buffers until the server has to hold data itself.
-            for _ in range(500):
-                if slow().buffered_bytes:
-                    break
-                await loop.sock_sendall(sock, request * 10)
-                await asyncio.sleep(0.005)
-            stalled = slow()
-            assert stalled.buffered_bytes > 0
+        async with stalled_client(server, 7) as slow:
+            stalled = slow.info()
             # While it is stalled (connected, data piling up) the others flow.
             latencies = [await mesh_latency(f"during {i}") for i in range(5)]
-            assert slow() is not None
-            assert slow().buffered_bytes > stalled.buffered_bytes
+            assert slow.info() is not None
+            assert slow.info().buffered_bytes > stalled.buffered_bytes
             # Past the limit it is dropped; the others still flow.
-            await loop.sock_sendall(sock, request * 60)
+            await asyncio.get_running_loop().sock_sendall(slow.sock, slow.request * 60)
             await wait_for(lambda: server.stats.dropped_slow == 1)
             latencies.append(await mesh_latency("after"))
-        finally:
-            sock.close()
         assert len(server.clients) == 2
         # The others were not held up (measured: a few milliseconds each).
         assert max(latencies) < max(0.5, 20 * baseline), (baseline, latencies)
@@ -1026,35 +964,13 @@ async def test_live_frames_carry_each_clients_ids_and_drop_slow_readers() -> Non
         assert db is not None
         assert db.nodes[ALPINE].last_heard >= int(time.time()) - 5  # after the write
         # A client whose buffer is over the limit after a live write is dropped.
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", server.port))
-            port = sock.getsockname()[1]
-            request = encode_frame(
-                mesh_pb2.ToRadio(want_config_id=9).SerializeToString()
-            )
-
-            def slow() -> Any:
-                return next((c for c in server.clients if c.port == port), None)
-
-            await wait_for(lambda: slow() is not None)
-            for _ in range(500):
-                if slow().buffered_bytes:
-                    break
-                await loop.sock_sendall(sock, request * 10)
-                await asyncio.sleep(0.005)
-            assert slow().buffered_bytes > 0
+        async with stalled_client(server, 9) as slow:
             server.send_buffer_limit = 1  # the next live message goes over it
             node.receive_text(ALPINE, "over the limit")
             await wait_for(lambda: server.stats.dropped_slow == 1)
-            assert slow() is None
+            assert slow.info() is None
             await one.wait(lambda: len(one.of_kind("packet")) == 2)
             await two.wait(lambda: len(two.of_kind("packet")) == 2)
-        finally:
-            sock.close()
 
 
 # --------------------------------------------------------------------- edges
@@ -1175,35 +1091,6 @@ async def test_unusable_handshake_keeps_the_cache() -> None:
 # --------------------------------------------------------------------- NodeLink refresh
 
 
-class ScriptNode:
-    """A stream API node answering the n-th ``want_config_id`` with ``scripts[n]``."""
-
-    def __init__(
-        self, scripts: list[Callable[[int], list[mesh_pb2.FromRadio]]]
-    ) -> None:
-        self.scripts = scripts
-        self.requests = 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.writers.append(writer)
-        decoder = FrameDecoder()
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(4096):
-                for payload in decoder.feed(data):
-                    message = mesh_pb2.ToRadio()
-                    message.ParseFromString(payload)
-                    if message.WhichOneof("payload_variant") != "want_config_id":
-                        continue
-                    script = self.scripts[min(self.requests, len(self.scripts) - 1)]
-                    self.requests += 1
-                    for item in script(message.want_config_id):
-                        writer.write(encode_frame(item.SerializeToString()))
-        writer.close()
-
-
 def _script_full(name: str) -> Callable[[int], list[mesh_pb2.FromRadio]]:
     def script(nonce: int) -> list[mesh_pb2.FromRadio]:
         info = mesh_pb2.NodeInfo(num=NODE_NUM)
@@ -1232,68 +1119,65 @@ async def test_node_link_refresh_handshake_edges(
     def refresh_broken(nonce: int) -> list[mesh_pb2.FromRadio]:
         return [mesh_pb2.FromRadio(config_complete_id=nonce)]  # no my_info
 
-    script_node = ScriptNode(
-        [_script_full("First"), refresh_ok, refresh_broken, _script_full("Third")]
-    )
-    server = await asyncio.start_server(script_node.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    link = NodeLink(
-        tcp_connector("127.0.0.1", port),
-        name="scripted",
-        backoff=Backoff(base=0.02, cap=0.05),
-    )
-    seen: list[str | None] = []
-    states: list[LinkState] = []
+    async with scripted(
+        _script_full("First"), refresh_ok, refresh_broken, _script_full("Third")
+    ) as (_node, port):
+        link = NodeLink(
+            tcp_connector("127.0.0.1", port),
+            name="scripted",
+            backoff=Backoff(base=0.02, cap=0.05),
+        )
+        seen: list[str | None] = []
+        states: list[LinkState] = []
 
-    class Recorder(NodeLinkListener):
-        def on_from_radio(self, message: mesh_pb2.FromRadio) -> None:
-            seen.append(kind(message))
+        class Recorder(NodeLinkListener):
+            def on_from_radio(self, message: mesh_pb2.FromRadio) -> None:
+                seen.append(kind(message))
 
-        def on_state(self, state: LinkState) -> None:
-            states.append(state)
+            def on_state(self, state: LinkState) -> None:
+                states.append(state)
 
-    class Broken(NodeLinkListener):
-        def on_from_radio(self, message: mesh_pb2.FromRadio) -> None:
-            raise RuntimeError("hook bug")
+        class Broken(NodeLinkListener):
+            def on_from_radio(self, message: mesh_pb2.FromRadio) -> None:
+                raise RuntimeError("hook bug")
 
-    class DuckTyped:  # not a NodeLinkListener: lacks the new hook
-        def on_state(self, state: LinkState) -> None:
-            pass
+        class DuckTyped:  # not a NodeLinkListener: lacks the new hook
+            def on_state(self, state: LinkState) -> None:
+                pass
 
-    link.add_listener(Recorder())
-    link.add_listener(Broken())
-    link.add_listener(DuckTyped())  # type: ignore[arg-type]
-    assert not link.request_config()  # not connected
-    task = asyncio.create_task(link.run())
-    try:
-        await wait_for(lambda: link.state is LinkState.READY)
-        assert link.snapshot is not None
-        assert link.snapshot.long_name == "First"
-        assert [kind(m) for m in link.handshake_messages] == ["my_info", "node_info"]
-        assert link.request_config()
-        assert link.refreshing
-        assert not link.request_config()  # one at a time
-        await wait_for(lambda: link.stats.refreshes == 1)
-        assert link.snapshot.long_name == "Second"
-        assert link.state is LinkState.READY
-        assert not link.refreshing
-        assert seen == ["queueStatus"]
-        assert "hook bug" in caplog.text
-        assert LinkState.HANDSHAKING in states
-        # A refresh that completes without my_info ends the connection.
-        states.clear()
-        assert link.request_config()
-        await wait_for(lambda: LinkState.DISCONNECTED in states)
-        assert link.stats.last_error == "refresh completed without my_info"
-        await wait_for(lambda: link.state is LinkState.READY)
-        assert link.snapshot.long_name == "Third"
-    finally:
-        task.cancel()
-        await asyncio.wait({task})
-        for writer in script_node.writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+        link.add_listener(Recorder())
+        link.add_listener(Broken())
+        link.add_listener(DuckTyped())  # type: ignore[arg-type]
+        assert not link.request_config()  # not connected
+        task = asyncio.create_task(link.run())
+        try:
+            await wait_for(lambda: link.state is LinkState.READY)
+            assert link.snapshot is not None
+            assert link.snapshot.long_name == "First"
+            assert [kind(m) for m in link.handshake_messages] == [
+                "my_info",
+                "node_info",
+            ]
+            assert link.request_config()
+            assert link.refreshing
+            assert not link.request_config()  # one at a time
+            await wait_for(lambda: link.stats.refreshes == 1)
+            assert link.snapshot.long_name == "Second"
+            assert link.state is LinkState.READY
+            assert not link.refreshing
+            assert seen == ["queueStatus"]
+            assert "hook bug" in caplog.text
+            assert LinkState.HANDSHAKING in states
+            # A refresh that completes without my_info ends the connection.
+            states.clear()
+            assert link.request_config()
+            await wait_for(lambda: LinkState.DISCONNECTED in states)
+            assert link.stats.last_error == "refresh completed without my_info"
+            await wait_for(lambda: link.state is LinkState.READY)
+            assert link.snapshot.long_name == "Third"
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
 
 
 async def test_simulator_admin_getters_and_reboot_request() -> None:

@@ -33,8 +33,9 @@ from mcp import ClientSession, types
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.message import SessionMessage
 from mqtt_bridge_engine import cli
-from mqtt_bridge_engine.cli import BrokerOptions, CliError, ServeOptions
-from mqtt_bridge_engine.mcp_mqtt import discover
+from mqtt_bridge_engine.cli import BrokerOptions, CliError
+from mqtt_bridge_engine.hosted_stdio import HostedStdioConfig
+from mqtt_bridge_engine.mcp_mqtt import McpMqttServer, discover
 from mqtt_bridge_engine.mcp_mqtt_simple import SimpleMcpMqttClient
 from mqtt_bridge_engine.mqtt_client import MqttClient, MqttSettings, ProtocolVersion
 from mqtt_bridge_engine.subscriptions import SubscriptionRefusedError
@@ -642,7 +643,9 @@ def test_main_interrupted_and_console_entry(
 async def test_serve_in_process(mosquitto: Mosquitto) -> None:
     name = f"test/{uid()}/inproc"
     stop = asyncio.Event()
-    served = ServeOptions(name, sys.executable, (str(ECHO),), description="in-process")
+    served = HostedStdioConfig(
+        name, sys.executable, (str(ECHO),), description="in-process"
+    )
     task = asyncio.create_task(cli.serve(options(mosquitto), served, stop))
     try:
         presence = await wait_announced(mosquitto, name)
@@ -664,7 +667,7 @@ async def test_serve_in_process_with_simple_devices(
     name = f"test/{uid()}/simple"
     request_topic = f"test/{uid()}/devices/request"
     stop = asyncio.Event()
-    served = ServeOptions(
+    served = HostedStdioConfig(
         name, sys.executable, (str(ECHO),), request_topic=request_topic
     )
     task = asyncio.create_task(cli.serve(options(mosquitto, qos=0), served, stop))
@@ -874,7 +877,7 @@ def test_serve_options(tmp_path: Path) -> None:
             "--env",
         )
     )
-    assert served == ServeOptions(
+    assert served == HostedStdioConfig(
         "home/time",
         "./server.sh",
         ("--flag", "--env"),
@@ -921,6 +924,14 @@ def test_serve_options(tmp_path: Path) -> None:
 def test_serve_options_errors(argv: list[str], message: str) -> None:
     with pytest.raises(CliError, match=message) as err:
         cli.serve_options(_namespace("serve", *argv))
+    assert err.value.code == cli.EXIT_USAGE
+
+
+async def test_serve_refuses_an_invalid_configuration() -> None:
+    """In-process callers get the engine's message as a usage error, before any connection."""
+    closed = BrokerOptions(MqttSettings("127.0.0.1", free_port()), timeout=0.3)
+    with pytest.raises(CliError, match="the command is empty") as err:
+        await cli.serve(closed, HostedStdioConfig("a/b", ""), asyncio.Event())
     assert err.value.code == cli.EXIT_USAGE
 
 
@@ -1002,8 +1013,8 @@ async def test_subscriptions_refused(
     monkeypatch.setattr(cli.McpMqttClientTransport, "__aenter__", too_slow)
     with pytest.raises(CliError, match="did not confirm the subscriptions"):
         await cli.connect(broker, "home/time")
-    monkeypatch.setattr(cli.McpMqttServer, "run", refuse)
-    served = ServeOptions("home/time", sys.executable, (str(ECHO),))
+    monkeypatch.setattr(McpMqttServer, "run", refuse)
+    served = HostedStdioConfig("home/time", sys.executable, (str(ECHO),))
     with pytest.raises(CliError, match="Not authorized") as err:
         await cli.serve(broker, served, asyncio.Event())
     assert err.value.code == cli.EXIT_USAGE

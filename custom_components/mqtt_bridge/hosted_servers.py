@@ -2,40 +2,25 @@
 
 Thin glue over the engine: each config subentry of type ``stdio_server``
 (:data:`.const.SUBENTRY_STDIO_SERVER`, written by :mod:`.flow_stdio`) becomes a
-:class:`HostedServer`, which runs
+:class:`HostedServer`, whose configuration (:func:`config_from_subentry`: the
+subentry's data, its title as the log name) runs as an
+:class:`~.engine.hosted_stdio.HostedStdioServer`: its own MQTT connection
+(the entry's broker settings, client id ``{prefix}-mcp-{8 hex digits}``, which
+is the server-id, the server's presence will), the specification layout
+(one child process per MCP client session, at most 16, 600 s idle timeout)
+and, when the subentry has a ``request_topic``, the simple-device layout on a
+second stdio host (logged as ``"{title} (simple devices)"``). See that module
+for what runs, what is counted and the stop order.
 
-* its own :class:`~.engine.mqtt_client.MqttClient` (the entry's broker
-  settings, client id ``{prefix}-mcp-{8 hex digits}``, which is the server-id,
-  and the server's will: an empty retained presence,
-  :meth:`~.engine.mcp_mqtt.McpMqttServer.will`). The presence will belongs to
-  one MQTT connection, so every hosted server-name has its own connection
-  (issue 7 brief);
-* an :class:`~.engine.mcp_mqtt.McpMqttServer` for the subentry's server-name
-  and description, whose sessions are served by a
-  :class:`~.engine.stdio_host.StdioHost`: one child process per MCP client
-  session, with the engine's session limit (16) and idle timeout (600 s);
-* when the subentry has a ``request_topic``, a
-  :class:`~.engine.mcp_mqtt_simple.SimpleMcpMqttServer` on the same MQTT
-  client: the simple-device layout (a fixed request topic, MQTT 5 Response
-  Topic and Correlation Data, QoS 1) served by one shared MCP session, which
-  the bridge initializes itself, on a second
-  :class:`~.engine.stdio_host.StdioHost` (so its child process, which runs as
-  long as the server does, is counted and logged apart, as
-  ``"{title} (simple devices)"``).
-
-They run supervised (:func:`~.engine.supervisor.supervise`) as child tasks of
-one entry background task per server (``entry.async_create_background_task``).
-That task stops them in order when it is cancelled, by a subentry change, the
-entry's unload or Home Assistant's shutdown: first the MCP servers (the
-specification layout tells its sessions ``notifications/disconnected``, lets
-the stdio host stop every child process and clears the retained presence with
-an acknowledged empty retained message; the simple-device layout answers the
-device requests still waiting with ``-32603`` and stops its child), then the
-MQTT client. Had the two been separate entry
-tasks, Home Assistant would cancel them together and the client could
-disconnect (cleanly, so without its will) before the presence was cleared.
-Home Assistant waits for the entry's background tasks when it unloads an entry,
-so when the unload returns, no presence is left and no child process runs.
+Each instance runs supervised (a :class:`~.engine.supervisor.TaskHealth` per
+server) as one entry background task (``entry.async_create_background_task``),
+which stops the MCP servers before the MQTT client when it is cancelled, by
+a subentry change, the entry's unload or Home Assistant's shutdown. Had the
+two been separate entry tasks, Home Assistant would cancel them together and
+the client could disconnect (cleanly, so without its will) before the
+presence was cleared. Home Assistant waits for the entry's background tasks
+when it unloads an entry, so when the unload returns, no presence is left and
+no child process runs.
 
 Subentry changes are applied live by :meth:`HostedServers.sync` (called from
 the entry's update listener through
@@ -54,9 +39,9 @@ device and entities: Home Assistant does that itself (2025.4.4
 ``ConfigEntries.async_remove_subentry`` clears the subentry from the device
 and entity registries, which removes a device left without config entry).
 
-The entities' counters add up both layouts (:class:`HostedCounters`);
-diagnostics show the simple-device layout's own counters under
-``simple_devices``.
+The entities' counters add up both layouts
+(:class:`~.engine.hosted_stdio.HostedCounters`); diagnostics show the
+simple-device layout's own counters under ``simple_devices``.
 
 Counters survive a reconfiguration (an instance's counts are added to the
 server's totals when it stops), so ``total_increasing`` sensors do not reset.
@@ -68,12 +53,11 @@ seconds when a value changed (a timer compares them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 import logging
 import secrets
-import time
 from typing import Any, Final
 
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
@@ -95,17 +79,9 @@ from .const import (
     SUBENTRY_STDIO_SERVER,
     UPDATE_THROTTLE,
 )
-from .engine.mcp_mqtt import (
-    SERVER_COMPONENT,
-    McpMqttServer,
-    connect_user_properties,
-    control_topic,
-)
-from .engine.mcp_mqtt_simple import SimpleMcpMqttServer
-from .engine.mqtt_client import ClientState, MqttClient, MqttSettings
-from .engine.stdio_host import StdioHost, StdioServerConfig
-from .engine.subscriptions import FilterState
-from .engine.supervisor import TaskHealth, supervise
+from .engine.hosted_stdio import HostedCounters, HostedStdioConfig, HostedStdioServer
+from .engine.mqtt_client import ClientState, MqttSettings
+from .engine.supervisor import TaskHealth
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -123,229 +99,34 @@ SIGNAL_HOSTED_UPDATE: Final[SignalTypeFormat[()]] = SignalTypeFormat(
 HOSTED_MANUFACTURER: Final = "MQTT Bridge"
 HOSTED_MODEL: Final = "stdio MCP server"
 
-# Seconds the MCP server gets to end its sessions (each stops its child: close
-# stdin, 2 s, terminate) and clear its presence before it is cancelled again;
-# within the 10 s Home Assistant waits for an entry's tasks on unload.
-STOP_TIMEOUT: Final = 8.0
-# Seconds the MQTT client gets to disconnect after that.
-CLIENT_STOP_TIMEOUT: Final = 2.0
 
+def config_from_subentry(subentry: ConfigSubentry) -> HostedStdioConfig:
+    """What one ``stdio_server`` subentry asks for: its data, its title as ``name``.
 
-@dataclass(frozen=True, slots=True)
-class HostedServerConfig:
-    """What one ``stdio_server`` subentry asks for (its title and data).
-
-    ``env`` holds the configured variables only (the engine adds the minimal
-    environment); ``cwd`` is ``None`` for Home Assistant's working directory;
-    ``request_topic`` is ``None`` when simple devices are not served.
+    Missing optional keys take the defaults (``env``: none added, ``cwd``:
+    Home Assistant's working directory, ``request_topic``: no simple devices);
+    QoS 1, 16 sessions and a 600 s idle timeout, as the engine's defaults.
     """
-
-    title: str
-    server_name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    description: str = ""
-    request_topic: str | None = None
-
-    @classmethod
-    def from_subentry(cls, subentry: ConfigSubentry) -> HostedServerConfig:
-        """Read a subentry's title and data (missing optional keys: defaults)."""
-        data = subentry.data
-        return cls(
-            title=subentry.title,
-            server_name=str(data[CONF_SERVER_NAME]),
-            command=str(data[CONF_COMMAND]),
-            args=tuple(str(arg) for arg in data.get(CONF_ARGS) or ()),
-            env={str(k): str(v) for k, v in (data.get(CONF_ENV) or {}).items()},
-            cwd=data.get(CONF_CWD) or None,
-            description=str(data.get(CONF_DESCRIPTION) or ""),
-            request_topic=str(data.get(CONF_REQUEST_TOPIC) or "") or None,
-        )
-
-    def stdio(self) -> StdioServerConfig:
-        """The engine's start configuration of the child processes."""
-        return StdioServerConfig(self.command, self.args, dict(self.env), self.cwd)
+    data = subentry.data
+    return HostedStdioConfig(
+        server_name=str(data[CONF_SERVER_NAME]),
+        command=str(data[CONF_COMMAND]),
+        args=tuple(str(arg) for arg in data.get(CONF_ARGS) or ()),
+        env={str(k): str(v) for k, v in (data.get(CONF_ENV) or {}).items()},
+        cwd=data.get(CONF_CWD) or None,
+        description=str(data.get(CONF_DESCRIPTION) or ""),
+        request_topic=str(data.get(CONF_REQUEST_TOPIC) or "") or None,
+        name=subentry.title,
+    )
 
 
-@dataclass(slots=True)
-class HostedCounters:
-    """Totals of a hosted server's instances (all counts since set-up).
-
-    ``requests``: client requests passed to a child process
-    (:attr:`.engine.stdio_host.StdioHostStats.requests`) plus the requests of
-    simple devices (:attr:`.engine.mcp_mqtt_simple.SimpleMcpMqttStats.requests`,
-    also those answered by the bridge itself, like ``initialize``);
-    ``errors``: the MCP server's errors, parse errors and refused sessions plus
-    the stdio hosts' errors (JSON-RPC error answers, start failures) plus, for
-    simple devices, each bad input or failure once: payloads that are not
-    JSON-RPC, requests without a usable Response Topic, refused and timed-out
-    requests, failed upstream sessions (an error answer that comes from the
-    child is counted by its stdio host only); ``restarts``: child processes
-    started again after they died (both stdio hosts); ``sessions``: MCP
-    sessions of specification-layout clients started.
-    """
-
-    requests: int = 0
-    errors: int = 0
-    restarts: int = 0
-    sessions: int = 0
-
-    def add(self, other: HostedCounters) -> None:
-        """Add ``other``'s counts to these."""
-        self.requests += other.requests
-        self.errors += other.errors
-        self.restarts += other.restarts
-        self.sessions += other.sessions
-
-
-class _Instance:
-    """One run of a configuration: MQTT client, MCP server, stdio host, task."""
-
-    def __init__(
-        self, config: HostedServerConfig, settings: MqttSettings, client_id: str
-    ) -> None:
-        """Build the engine objects; nothing connects until :meth:`run`.
-
-        Raises:
-            ValueError: the server-name is invalid (spec §1.2) or the request
-                topic is not a topic name (``TopicError``).
-
-        """
-        self.config = config
-        self.client = MqttClient(
-            settings,
-            client_id=client_id,
-            will=McpMqttServer.will(client_id, config.server_name),
-            connect_user_properties=connect_user_properties(SERVER_COMPONENT),
-        )
-        self.host = StdioHost(config.stdio(), name=config.title)
-        self.server = McpMqttServer(
-            self.client,
-            config.server_name,
-            description=config.description,
-            handler=self.host.serve_session,
-        )
-        self.control = control_topic(client_id, config.server_name)
-        self.simple_host: StdioHost | None = None
-        self.simple: SimpleMcpMqttServer | None = None
-        if config.request_topic is not None:
-            self.simple_host = StdioHost(
-                config.stdio(), name=_simple_name(config.title)
-            )
-            self.simple = SimpleMcpMqttServer(
-                self.client,
-                config.request_topic,
-                handler=self.simple_host.serve_session,
-            )
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def announced(self) -> bool:
-        """Whether the presence is announced: connected, control topic granted.
-
-        The server publishes its retained presence once the broker has granted
-        its control topic (after a reconnect, once its sessions' topics are
-        granted again too, at most a few seconds later): a close and cheap
-        reading of "reachable by clients" without subscribing to it.
-        """
-        return (
-            self.client.connected
-            and self.client.registry.state_of(self.control) is FilterState.GRANTED
-        )
-
-    def counters(self) -> HostedCounters:
-        """This instance's counts (see :class:`HostedCounters`)."""
-        server, host = self.server.stats, self.host.stats
-        counters = HostedCounters(
-            requests=host.requests,
-            errors=server.errors
-            + server.parse_errors
-            + server.rejected_sessions
-            + host.errors,
-            restarts=host.restarts,
-            sessions=server.sessions_started,
-        )
-        if self.simple is not None and self.simple_host is not None:
-            simple, simple_host = self.simple.stats, self.simple_host.stats
-            counters.requests += simple.requests
-            counters.errors += (
-                simple.parse_errors
-                + simple.no_response_topic
-                + simple.rejected
-                + simple.timeouts
-                + simple.handler_failures
-                + simple_host.errors
-            )
-            counters.restarts += simple_host.restarts
-        return counters
-
-    def simple_diagnostics(self) -> dict[str, Any] | None:
-        """The simple-device layout's state and counters, or ``None`` when it is off."""
-        simple, simple_host = self.simple, self.simple_host
-        if simple is None or simple_host is None:
-            return None
-        server_info = (simple.initialize_result or {}).get("serverInfo")
-        return {
-            "request_topic": simple.request_topic,
-            "notifications_topic": simple.notifications_topic,
-            "ready": simple.ready,
-            "pending_requests": simple.pending_requests,
-            "upstream_server": server_info,
-            "stats": asdict(simple.stats),
-            "stdio_host": asdict(simple_host.stats),
-        }
-
-    async def run(
-        self, previous: asyncio.Task[None] | None, health: TaskHealth
-    ) -> None:
-        """Serve until cancelled, after ``previous`` (the replaced instance) ended.
-
-        On cancel: the MCP servers first (sessions, children, presence), then
-        the MQTT client (see the module docstring).
-        """
-        if previous is not None:
-            await asyncio.wait({previous})
-        title = self.config.title
-        loop = asyncio.get_running_loop()
-        client_task = loop.create_task(
-            supervise(f"{title} MQTT client", self.client.run, health),
-            name=f"{DOMAIN} {title} hosted MQTT client",
-        )
-        server_tasks = {
-            loop.create_task(
-                supervise(f"{title} MCP server", self.server.run, health),
-                name=f"{DOMAIN} {title} hosted MCP server",
-            )
-        }
-        if self.simple is not None:
-            server_tasks.add(
-                loop.create_task(
-                    supervise(f"{title} simple MCP bridge", self.simple.run, health),
-                    name=f"{DOMAIN} {title} hosted simple MCP bridge",
-                )
-            )
-        try:
-            await asyncio.wait({client_task, *server_tasks})
-        finally:
-            for task in server_tasks:
-                task.cancel()
-            try:
-                _done, pending = await asyncio.wait(server_tasks, timeout=STOP_TIMEOUT)
-                for task in pending:  # pragma: no cover - a handler ignored its stop
-                    _LOGGER.warning(
-                        "%s: %s did not stop in time", title, task.get_name()
-                    )
-                    task.cancel()
-            finally:
-                client_task.cancel()
-                await asyncio.wait({client_task}, timeout=CLIENT_STOP_TIMEOUT)
-
-
-def _simple_name(title: str) -> str:
-    """The log name of the stdio host serving simple devices."""
-    return f"{title} (simple devices)"
+async def _run_after(
+    instance: HostedStdioServer, previous: asyncio.Task[None] | None
+) -> None:
+    """Run ``instance`` once ``previous`` (the instance it replaces) has ended."""
+    if previous is not None:
+        await asyncio.wait({previous})
+    await instance.run()
 
 
 class HostedServer:
@@ -355,7 +136,7 @@ class HostedServer:
         """Read the subentry; nothing runs until :meth:`start`."""
         self.manager = manager
         self.subentry_id = subentry.subentry_id
-        self.config = HostedServerConfig.from_subentry(subentry)
+        self.config = config_from_subentry(subentry)
         key = f"{manager.entry.entry_id}_{subentry.subentry_id}"
         self.device_identifier = (DOMAIN, key)
         self.signal_update = SIGNAL_HOSTED_UPDATE.format(key)
@@ -364,8 +145,9 @@ class HostedServer:
         # Why the configuration cannot run (an invalid server-name), or None.
         self.problem: str | None = None
         self.device_id: str | None = None
-        self._instance: _Instance | None = None
-        self._retiring: set[_Instance] = set()
+        self._instance: HostedStdioServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retiring: set[HostedStdioServer] = set()
         self._totals = HostedCounters()
         self._written: tuple[Any, ...] | None = None
         self._remove_listener: Callable[[], None] | None = None
@@ -388,7 +170,7 @@ class HostedServer:
                 identifiers={self.device_identifier},
                 manufacturer=HOSTED_MANUFACTURER,
                 model=HOSTED_MODEL,
-                name=self.config.title,
+                name=self.config.name,
                 entry_type=DeviceEntryType.SERVICE,
                 via_device=manager.via_device,
             )
@@ -401,7 +183,9 @@ class HostedServer:
         manager = self.manager
         client_id = f"{manager.client_id_prefix}-mcp-{secrets.token_hex(4)}"
         try:
-            instance = _Instance(self.config, manager.settings, client_id)
+            instance = HostedStdioServer(
+                manager.settings, self.config, client_id=client_id, health=self.health
+            )
         except ValueError as err:
             self.problem = str(err)
         else:
@@ -409,15 +193,15 @@ class HostedServer:
         if self.problem is not None:
             _LOGGER.error(
                 "The stdio MCP server %s cannot be hosted: %s",
-                self.config.title,
+                self.config.name,
                 self.problem,
             )
             return
         self._instance = instance
         self._remove_listener = instance.client.add_state_listener(self._on_state)
-        instance.task = manager.entry.async_create_background_task(
+        self._task = manager.entry.async_create_background_task(
             manager.hass,
-            instance.run(previous, self.health),
+            _run_after(instance, previous),
             f"{DOMAIN} {manager.entry.title} hosted {self.config.server_name}",
         )
 
@@ -428,12 +212,12 @@ class HostedServer:
         Its counts are added to the totals when the task ends.
         """
         instance, self._instance = self._instance, None
+        task, self._task = self._task, None
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
-        if instance is None or instance.task is None:
+        if instance is None or task is None:
             return None
-        task = instance.task
         self._retiring.add(instance)
 
         def retired(_task: asyncio.Task[None]) -> None:
@@ -447,17 +231,15 @@ class HostedServer:
     @callback
     def rename(self, title: str) -> None:
         """Take a new title (device name, log prefix) without a restart."""
-        self.config = replace(self.config, title=title)
+        self.config = replace(self.config, name=title)
         if self._instance is not None:
-            self._instance.host.name = title
-            if self._instance.simple_host is not None:
-                self._instance.simple_host.name = _simple_name(title)
+            self._instance.rename(title)
         self.register_device()
 
     @callback
-    def reconfigure(self, config: HostedServerConfig) -> None:
+    def reconfigure(self, config: HostedStdioConfig) -> None:
         """Run ``config`` instead: the old instance stops, then the new one starts."""
-        title_changed = config.title != self.config.title
+        title_changed = config.name != self.config.name
         self.config = config
         previous = self.stop()
         self.start(previous)
@@ -469,7 +251,7 @@ class HostedServer:
 
     @property
     def running(self) -> bool:
-        """Whether the server is announced on the broker (see :attr:`_Instance.announced`).
+        """Whether the server is announced on the broker (:attr:`HostedStdioServer.announced`).
 
         Not "a child process is alive": children run only while MCP clients
         have sessions, so an idle server that clients can reach is running.
@@ -522,7 +304,7 @@ class HostedServer:
         counts = self.counters()
         data: dict[str, Any] = {
             "subentry_id": self.subentry_id,
-            "name": config.title,
+            "name": config.name,
             "server_name": config.server_name,
             "description": config.description,
             "command": config.command,
@@ -539,24 +321,9 @@ class HostedServer:
             "task_failures": self.health.as_dict(),
         }
         if instance is not None:
-            now = time.monotonic()
-            data["server_id"] = instance.client.client_id
-            data["client_state"] = instance.client.state.value
-            data["stats"] |= {
-                "mcp_server": asdict(instance.server.stats),
-                "stdio_host": asdict(instance.host.stats),
-                "mqtt_client": asdict(instance.client.stats),
-            }
-            data["sessions"] = [
-                {
-                    "client_id": info.client_id,
-                    "requests": info.requests,
-                    "age_s": round(now - info.started, 1),
-                    "idle_s": round(now - info.last_activity, 1),
-                }
-                for info in instance.server.sessions.values()
-            ]
-            data["simple_devices"] = instance.simple_diagnostics()
+            engine = instance.diagnostics()
+            data["stats"] |= engine.pop("stats")
+            data |= engine
         return data
 
 
@@ -631,7 +398,7 @@ class HostedServers:
         wanted = self._wanted()
         for subentry_id in [s for s in self.servers if s not in wanted]:
             server = self.servers.pop(subentry_id)
-            _LOGGER.debug("Stopping the hosted server %s", server.config.title)
+            _LOGGER.debug("Stopping the hosted server %s", server.config.name)
             server.stop()
         for subentry_id, subentry in wanted.items():
             current = self.servers.get(subentry_id)
@@ -641,13 +408,13 @@ class HostedServers:
                 added.start()
                 async_dispatcher_send(self.hass, self.signal_added, added)
                 continue
-            config = HostedServerConfig.from_subentry(subentry)
+            config = config_from_subentry(subentry)
             if config == current.config:
                 continue
-            if replace(current.config, title=config.title) == config:
-                current.rename(config.title)
+            if replace(current.config, name=config.name) == config:
+                current.rename(config.name)
             else:
-                _LOGGER.debug("Restarting the hosted server %s", config.title)
+                _LOGGER.debug("Restarting the hosted server %s", config.name)
                 current.reconfigure(config)
 
     @callback
@@ -659,5 +426,5 @@ class HostedServers:
         """Every hosted server's diagnostics, by title."""
         return [
             server.diagnostics()
-            for server in sorted(self.servers.values(), key=lambda s: s.config.title)
+            for server in sorted(self.servers.values(), key=lambda s: s.config.name)
         ]

@@ -14,11 +14,10 @@ Three commands (issue 7, "Command-line bridge"):
   from the transport; the session carries on after the reconnect); the
   server ending the session, going offline or not answering a ping does.
 * ``serve --server-name NAME -- COMMAND ARGS...``: hosts a stdio MCP server on
-  MQTT (:class:`~.mcp_mqtt.McpMqttServer` with a
-  :class:`~.stdio_host.StdioHost`, one child process per client session) until
-  SIGINT or SIGTERM, then clears the retained presence and stops the children.
-  With ``--request-topic TOPIC`` it also serves simple devices on that topic
-  (:class:`~.mcp_mqtt_simple.SimpleMcpMqttServer` on the same MQTT
+  MQTT (:class:`~.hosted_stdio.HostedStdioServer`, as Home Assistant does:
+  one child process per client session) until SIGINT or SIGTERM, then clears
+  the retained presence and stops the children. With ``--request-topic
+  TOPIC`` it also serves simple devices on that topic (on the same MQTT
   connection: JSON-RPC requests with the MQTT 5 Response Topic and
   Correlation Data properties, no ``initialize`` needed, one shared child
   process started at once, ``--qos`` for its messages too).
@@ -45,9 +44,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from io import TextIOWrapper
 import json
 import logging
@@ -63,18 +62,17 @@ from typing import IO, Any, Final, NoReturn, TextIO, cast
 import anyio
 from mcp.server.stdio import stdio_server
 
+from .hosted_stdio import HostedStdioConfig, HostedStdioServer
 from .mcp_mqtt import (
     CLIENT_COMPONENT,
-    SERVER_COMPONENT,
     McpMqttClientTransport,
-    McpMqttServer,
     ReadStream,
     WriteStream,
     connect_user_properties,
     discover,
     validate_server_name,
 )
-from .mcp_mqtt_simple import SimpleMcpMqttServer, request_topic_problem
+from .mcp_mqtt_simple import request_topic_problem
 from .mqtt_client import (
     PORT_PLAIN,
     PORT_TLS,
@@ -87,7 +85,6 @@ from .mqtt_client import (
     Will,
     check_connection,
 )
-from .stdio_host import StdioHost, StdioServerConfig
 from .subscriptions import SubscriptionRefusedError
 from .topics import TopicError
 
@@ -142,26 +139,6 @@ class BrokerOptions:
     def new_client_id(self) -> str:
         """A fresh MQTT client id (random, so two runs never take over each other's session)."""
         return f"{self.client_id_prefix}-{secrets.token_hex(6)}"
-
-
-@dataclass(frozen=True, slots=True)
-class ServeOptions:
-    """What ``serve`` hosts: ``command`` ``args`` in ``cwd`` with ``env`` added, as ``server_name``.
-
-    ``max_sessions`` bounds concurrent client sessions (one child each);
-    ``idle_timeout`` (seconds) ends a session without traffic;
-    ``request_topic`` (``None`` = off) is where simple devices send requests.
-    """
-
-    server_name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    description: str = ""
-    max_sessions: int = 16
-    idle_timeout: float = 600.0
-    request_topic: str | None = None
 
 
 @dataclass(slots=True)
@@ -425,8 +402,8 @@ def broker_options(
     )
 
 
-def serve_options(options: argparse.Namespace) -> ServeOptions:
-    """The ``serve`` command's options from parsed flags.
+def serve_options(options: argparse.Namespace) -> HostedStdioConfig:
+    """What the ``serve`` command hosts, from parsed flags (QoS: :func:`serve` adds it).
 
     Raises:
         CliError: invalid server-name (spec §1.2) or request topic
@@ -465,7 +442,7 @@ def serve_options(options: argparse.Namespace) -> ServeOptions:
         raise CliError(f"command {command!r} not found")
     if options.max_sessions < 1 or options.idle_timeout <= 0:
         raise CliError("--max-sessions and --idle-timeout must be positive")
-    return ServeOptions(
+    return HostedStdioConfig(
         server_name=name,
         command=command,
         args=tuple(command_line[1:]),
@@ -505,6 +482,34 @@ async def broker_client(
             (MCP over MQTT requires it, spec §1.4), all exit 2.
 
     """
+    client = MqttClient(
+        broker.settings,
+        client_id=client_id,
+        will=will,
+        connect_user_properties=connect_user_properties(component),
+    )
+    async with _running(broker, client, client.run):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    broker: BrokerOptions,
+    client: MqttClient,
+    run: Callable[[], Coroutine[Any, Any, None]],
+) -> AsyncIterator[asyncio.Task[None]]:
+    """``run()`` as a task (cancelled and awaited on exit) once ``client`` is connected.
+
+    ``run`` runs ``client`` (``client.run`` or a
+    :meth:`~.hosted_stdio.HostedStdioServer.run` that owns it). The broker is
+    checked once first (:func:`~.mqtt_client.check_connection`) so that an
+    unreachable broker or refused credentials fail at once instead of being
+    retried with backoff.
+
+    Raises:
+        CliError: see :func:`broker_client`.
+
+    """
     where = broker.settings.describe()
     try:
         await check_connection(broker.settings, timeout=broker.timeout)
@@ -514,18 +519,20 @@ async def broker_client(
         ) from None
     except MqttError as err:
         raise CliError(f"cannot connect to the MQTT broker {where}: {err}") from None
-    client = MqttClient(
-        broker.settings,
-        client_id=client_id,
-        will=will,
-        connect_user_properties=connect_user_properties(component),
-    )
-    task = asyncio.create_task(client.run(), name=f"{PROG} mqtt {client_id}")
+    task = asyncio.create_task(run(), name=f"{PROG} mqtt {client.client_id}")
     try:
+        connected = asyncio.ensure_future(client.wait_connected())
         try:
-            async with asyncio.timeout(broker.timeout):
-                await client.wait_connected()
-        except TimeoutError:
+            await asyncio.wait(
+                {connected, task},
+                timeout=broker.timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            connected.cancel()
+        if task.done():  # e.g. a server's subscription refused
+            _raise_failure(task)
+        if not connected.done() or connected.cancelled():
             raise CliError(
                 f"no connection to the MQTT broker {where} within "
                 f"{broker.timeout:g} s: {client.stats.last_error or 'no answer'}"
@@ -535,10 +542,23 @@ async def broker_client(
                 f"the MQTT broker {where} does not accept MQTT 5, which MCP over "
                 "MQTT requires"
             )
-        yield client
+        yield task
     finally:
         task.cancel()
         await asyncio.wait({task})
+
+
+def _raise_failure(task: asyncio.Task[None]) -> None:
+    """Raise what ended ``task``, a refused subscription as a :class:`CliError`.
+
+    Nothing when it was cancelled; a task that returned (none of the runs
+    does) is a ``RuntimeError``.
+    """
+    if task.cancelled():
+        return
+    if isinstance(err := task.exception(), SubscriptionRefusedError):
+        raise _refused(err)
+    raise err or RuntimeError(f"{task.get_name()} stopped")  # pragma: no cover
 
 
 def _refused(err: SubscriptionRefusedError) -> CliError:
@@ -819,56 +839,35 @@ async def _pump(
 
 
 async def serve(
-    broker: BrokerOptions, options: ServeOptions, stop: asyncio.Event
+    broker: BrokerOptions, options: HostedStdioConfig, stop: asyncio.Event
 ) -> int:
     """Host ``options`` on the broker until ``stop`` is set; return the exit code.
 
-    The server-id is a fresh client id; the will clears the presence if the
-    process dies (spec §1.3). On stop, :meth:`McpMqttServer.run` sends
-    ``notifications/disconnected`` to every session, stops the children and
-    clears the retained presence (spec §1.5 "Shutdown", "Discovery"). With
-    ``options.request_topic``, a :class:`SimpleMcpMqttServer` on the same
-    connection serves simple devices from one shared child process (its own
-    :class:`StdioHost`, named ``"{server-name} (simple devices)"`` in logs);
-    on stop it answers the device requests still waiting with ``-32603``
-    and stops that child.
+    Runs a :class:`~.hosted_stdio.HostedStdioServer` (unsupervised: a failure
+    ends the command) with ``broker.qos`` and a fresh client id as server-id;
+    the will clears the presence if the process dies (spec §1.3). On stop it
+    sends ``notifications/disconnected`` to every session, stops the children
+    and clears the retained presence before it disconnects (spec §1.5
+    "Shutdown", "Discovery"). With ``options.request_topic``, simple devices
+    are served too, from one shared child process (logged as
+    ``"{server-name} (simple devices)"``); on stop the device requests still
+    waiting get ``-32603``.
 
     Raises:
-        CliError: broker failure or a subscription refused (exit 2).
+        CliError: invalid options, broker failure or a subscription refused
+            (exit 2).
 
     """
     client_id = broker.new_client_id()
-    config = StdioServerConfig(
-        options.command, options.args, dict(options.env), options.cwd
-    )
-    host = StdioHost(config, name=options.server_name)
-    will = McpMqttServer.will(client_id, options.server_name)
-    async with broker_client(
-        broker, client_id, will, component=SERVER_COMPONENT
-    ) as client:
-        server = McpMqttServer(
-            client,
-            options.server_name,
-            description=options.description,
-            handler=host.serve_session,
-            max_sessions=options.max_sessions,
-            idle_timeout=options.idle_timeout,
-            qos=broker.qos,
+    try:
+        hosted = HostedStdioServer(
+            broker.settings, replace(options, qos=broker.qos), client_id=client_id
         )
-        tasks = [asyncio.create_task(server.run(), name=f"{PROG} serve")]
-        simple: SimpleMcpMqttServer | None = None
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    async with _running(broker, hosted.client, hosted.run) as running:
         where = ""
         if options.request_topic is not None:
-            simple_host = StdioHost(
-                config, name=f"{options.server_name} (simple devices)"
-            )
-            simple = SimpleMcpMqttServer(
-                client,
-                options.request_topic,
-                handler=simple_host.serve_session,
-                qos=broker.qos,
-            )
-            tasks.append(asyncio.create_task(simple.run(), name=f"{PROG} simple"))
             where = f"; simple devices on {options.request_topic!r}"
         stopping = asyncio.ensure_future(stop.wait())
         _error(
@@ -877,34 +876,30 @@ async def serve(
             prefix="",
         )
         try:
-            await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait({*tasks, stopping})
-        for task in tasks:
-            if not task.cancelled() and (err := task.exception()) is not None:
-                if isinstance(err, SubscriptionRefusedError):
-                    raise _refused(err)
-                raise err  # pragma: no cover - the servers only end by cancel
+            running.cancel()
+            await asyncio.wait({running, stopping})
+        _raise_failure(running)
+    server, simple = hosted.server, hosted.simple
+    _LOGGER.info(
+        "stopped: %d sessions served, %d requests, %d errors",
+        server.stats.sessions_started,
+        server.stats.requests,
+        server.stats.errors,
+    )
+    if simple is not None:
         _LOGGER.info(
-            "stopped: %d sessions served, %d requests, %d errors",
-            server.stats.sessions_started,
-            server.stats.requests,
-            server.stats.errors,
+            "simple devices: %d requests, %d error answers, %d bad messages",
+            simple.stats.requests,
+            simple.stats.errors,
+            simple.stats.parse_errors + simple.stats.no_response_topic,
         )
-        if simple is not None:
-            _LOGGER.info(
-                "simple devices: %d requests, %d error answers, %d bad messages",
-                simple.stats.requests,
-                simple.stats.errors,
-                simple.stats.parse_errors + simple.stats.no_response_topic,
-            )
     return EXIT_OK
 
 
-async def _serve_until_signal(broker: BrokerOptions, options: ServeOptions) -> int:
+async def _serve_until_signal(broker: BrokerOptions, options: HostedStdioConfig) -> int:
     """:func:`serve` until SIGINT or SIGTERM (where the platform allows handlers)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
