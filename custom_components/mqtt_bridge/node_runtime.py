@@ -13,7 +13,6 @@ with "Share this node" on, serves the node to other clients on the same link
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 import logging
 import time
@@ -280,7 +279,6 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
         self.sharing = NodeSharing(
             hass, entry, self.link, self.issues, self._schedule_update
         )
-        self._state_waiters: set[asyncio.Future[None]] = set()
         self.signal_update = SIGNAL_NODE_UPDATE.format(entry.entry_id)
         self.signal_text = SIGNAL_NODE_TEXT.format(entry.entry_id)
         self.device_id = self._async_register_device()
@@ -400,9 +398,6 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
 
     def on_state(self, state: LinkState) -> None:
         """Log availability changes once and refresh entities at once."""
-        for waiter in self._state_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
         available = state is LinkState.READY
         if available != self._was_available and state in (
             LinkState.READY,
@@ -512,7 +507,7 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
         )
         packet.decoded.portnum = portnums_pb2.PortNum.TEXT_MESSAGE_APP
         packet.decoded.payload = payload
-        await self._async_wait_for_link()
+        await self.link.wait_settled(SEND_READY_TIMEOUT)
         try:
             status = await self.link.send_packet(packet)
         except LinkNotReadyError as err:
@@ -533,23 +528,3 @@ class NodeRuntime(EntryRuntime, NodeLinkListener):
                     else node_id(to),
                 },
             )
-
-    async def _async_wait_for_link(self) -> None:
-        """Wait while the link is on its way to ready, up to ``SEND_READY_TIMEOUT`` s.
-
-        Returns at once when the link is ready, disconnected (the node is away:
-        waiting would rarely help) or stopped; the caller's send then succeeds
-        or fails as usual.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SEND_READY_TIMEOUT
-        while self.link.state in (LinkState.CONNECTING, LinkState.HANDSHAKING):
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._state_waiters.add(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
-                return
-            finally:
-                self._state_waiters.discard(waiter)

@@ -20,7 +20,7 @@ nothing from Home Assistant.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 import contextlib
 from dataclasses import dataclass, field
 import enum
@@ -416,6 +416,8 @@ class NodeLink:
         self.handshake_messages: tuple[mesh_pb2.FromRadio, ...] = ()
         self._handshake_log: list[mesh_pb2.FromRadio] = []
         self._refresh: _Refresh | None = None
+        # Woken on every state change (wait_settled).
+        self._state_changed = asyncio.Event()
 
     # -- listeners -----------------------------------------------------------
 
@@ -436,21 +438,30 @@ class NodeLink:
             except Exception:
                 _LOGGER.exception("%s: listener %s failed", self.name, method)
 
-    def _emit_optional(self, method: str, *args: Any) -> None:
-        """Like :meth:`_emit`, for hooks a duck-typed listener may lack."""
-        for listener in list(self._listeners):
-            callback = getattr(listener, method, None)
-            if callback is None:
-                continue
-            try:
-                callback(*args)
-            except Exception:
-                _LOGGER.exception("%s: listener %s failed", self.name, method)
-
     def _set_state(self, state: LinkState) -> None:
         if state != self.state:
             self.state = state
+            self._state_changed.set()
+            self._state_changed = asyncio.Event()
             self._emit("on_state", state)
+
+    async def wait_settled(self, timeout: float) -> None:
+        """Wait while the link is on its way to ready, at most ``timeout`` seconds.
+
+        Returns at once, or as soon as the state is no longer ``CONNECTING`` or
+        ``HANDSHAKING`` (also a settings re-read, :meth:`request_config`): ready,
+        disconnected (the node is away; waiting would rarely help) or stopped.
+        Never raises for the timeout; the caller's send then succeeds or fails
+        as usual.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.state in (LinkState.CONNECTING, LinkState.HANDSHAKING):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._state_changed.wait()
+            except TimeoutError:
+                return
 
     # -- sending ---------------------------------------------------------------
 
@@ -709,22 +720,28 @@ class NodeLink:
                 return False  # stale answer to an earlier request
             if not snapshot.my_info.my_node_num:
                 raise LinkError("handshake completed without my_info")
-            self.snapshot = snapshot
-            self.handshake_messages = tuple(self._handshake_log)
             self.stats.handshakes += 1
             self.backoff.reset()
             self.stats.last_error = None
-            own = snapshot.nodes.get(snapshot.node_num)
-            if own is not None and own.HasField("device_metrics"):
-                self._update_metrics(own.device_metrics)
-            self._set_state(LinkState.READY)
-            self._emit("on_ready", snapshot)
+            self._adopt(snapshot, self._handshake_log)
             return True
         if kind == "rebooted":
             raise _NodeRebootedError("rebooted during handshake")
         if not apply_from_radio(snapshot, message) and kind not in _HANDSHAKE_EXTRAS:
             _LOGGER.debug("%s: %s before config complete, ignored", self.name, kind)
         return False
+
+    def _adopt(
+        self, snapshot: NodeSnapshot, messages: Iterable[mesh_pb2.FromRadio]
+    ) -> None:
+        """Use a completed handshake (first or refresh): snapshot, metrics, READY."""
+        self.snapshot = snapshot
+        self.handshake_messages = tuple(messages)
+        own = snapshot.nodes.get(snapshot.node_num)
+        if own is not None and own.HasField("device_metrics"):
+            self._update_metrics(own.device_metrics)
+        self._set_state(LinkState.READY)
+        self._emit("on_ready", snapshot)
 
     def _refresh_step(self, message: mesh_pb2.FromRadio) -> bool:
         """Fold one item of a refresh handshake in; ``False``: a live message."""
@@ -737,15 +754,8 @@ class NodeLink:
             if not refresh.snapshot.my_info.my_node_num:
                 raise LinkError("refresh completed without my_info")
             self._refresh = None
-            snapshot = refresh.snapshot
-            self.snapshot = snapshot
-            self.handshake_messages = tuple(refresh.messages)
             self.stats.refreshes += 1
-            own = snapshot.nodes.get(snapshot.node_num)
-            if own is not None and own.HasField("device_metrics"):
-                self._update_metrics(own.device_metrics)
-            self._set_state(LinkState.READY)
-            self._emit("on_ready", snapshot)
+            self._adopt(refresh.snapshot, refresh.messages)
             return True
         if kind not in _HANDSHAKE_KINDS:
             return False
