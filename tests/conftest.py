@@ -16,9 +16,14 @@ import meshtastic.tcp_interface  # noqa: F401
 import pytest
 
 from custom_components.mqtt_bridge.const import DOMAIN  # noqa: F401
+from devkit import fixtures
 from devkit.meshsim import SimulatedNode, default_profile
 from devkit.mosquitto import Mosquitto
 from devkit.rabbitmq import RabbitMQ, rabbitmq_broker
+
+# The session broker and its per-test check, shared with tests_engine/.
+mosquitto_session = fixtures.mosquitto_session
+mosquitto = fixtures.mosquitto
 
 
 @pytest.fixture(autouse=True)
@@ -29,24 +34,6 @@ def _sockets(socket_enabled: None) -> None:
 @pytest.fixture(autouse=True)
 def _custom_integrations(enable_custom_integrations: None) -> None:
     """Let HA load integrations from custom_components."""
-
-
-@pytest.fixture(scope="session")
-def mosquitto_session() -> Iterator[Mosquitto]:
-    """One anonymous Mosquitto for the whole session, on a random port."""
-    broker = Mosquitto()
-    broker.start()
-    yield broker
-    broker.cleanup()
-
-
-@pytest.fixture
-def mosquitto(mosquitto_session: Mosquitto) -> Mosquitto:
-    """The session broker; restarted if a test left it stopped."""
-    if mosquitto_session.proc is None or mosquitto_session.proc.poll() is not None:
-        mosquitto_session.proc = None
-        mosquitto_session.start()
-    return mosquitto_session
 
 
 @pytest.fixture

@@ -13,11 +13,8 @@ the same tests run in ``.venv`` (HA's pins, mcp 1.12) and in ``.venv-latest``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 import sys
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,22 +25,8 @@ from tests_engine.cli_support.launch import register_engine  # noqa: E402
 
 register_engine()
 
-from devkit.mosquitto import Mosquitto  # noqa: E402
+from devkit import fixtures  # noqa: E402
 
-
-@pytest.fixture(scope="session")
-def mosquitto_session() -> Iterator[Mosquitto]:
-    """One anonymous Mosquitto for the whole session, on a random port (started on first use)."""
-    broker = Mosquitto()
-    broker.start()
-    yield broker
-    broker.cleanup()
-
-
-@pytest.fixture
-def mosquitto(mosquitto_session: Mosquitto) -> Mosquitto:
-    """The session broker; restarted if a test left it stopped."""
-    if mosquitto_session.proc is None or mosquitto_session.proc.poll() is not None:
-        mosquitto_session.proc = None
-        mosquitto_session.start()
-    return mosquitto_session
+# The session broker and its per-test check, shared with tests/.
+mosquitto_session = fixtures.mosquitto_session
+mosquitto = fixtures.mosquitto
