@@ -462,16 +462,13 @@ def serve_options(options: argparse.Namespace) -> HostedStdioConfig:
 
 @contextlib.asynccontextmanager
 async def broker_client(
-    broker: BrokerOptions,
-    client_id: str,
-    will: Will | None = None,
-    *,
-    component: str = CLIENT_COMPONENT,
+    broker: BrokerOptions, client_id: str, will: Will | None = None
 ) -> AsyncIterator[MqttClient]:
-    """A connected :class:`MqttClient` (its ``run`` task is stopped on exit).
+    """A connected MCP client's :class:`MqttClient` (its ``run`` task is stopped on exit).
 
-    ``component`` (``mcp-client`` or ``mcp-server``) goes into the CONNECT
-    user properties (spec §1.4, :func:`~.mcp_mqtt.connect_user_properties`).
+    Its CONNECT carries the ``mcp-client`` user properties (spec §1.4,
+    :func:`~.mcp_mqtt.connect_user_properties`); ``serve`` builds its server's
+    client in :class:`~.hosted_stdio.HostedStdioServer`.
 
     Checks the broker once first (:func:`~.mqtt_client.check_connection`) so
     that an unreachable broker or refused credentials fail at once instead of
@@ -486,7 +483,7 @@ async def broker_client(
         broker.settings,
         client_id=client_id,
         will=will,
-        connect_user_properties=connect_user_properties(component),
+        connect_user_properties=connect_user_properties(CLIENT_COMPONENT),
     )
     async with _running(broker, client, client.run):
         yield client
